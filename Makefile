@@ -1,0 +1,38 @@
+# lake: the two commands a new user types are `make demo` and `make test`.
+# Both install what they need first (scripts/setup is idempotent).
+
+PY      := .venv/bin/python
+KVER     = $(shell scripts/kver)
+
+.PHONY: all setup module demo test test-host test-vm test-gpu bench-vm clean
+
+all: module
+
+setup:
+	@bash scripts/setup
+
+module: setup
+	@$(MAKE) -s -C kmod KVER=$(KVER)
+	@$(MAKE) -s -C lakelib/examples KVER=$(KVER)
+
+demo: module
+	@bash scripts/vm -- bash scripts/demo
+
+test: setup test-host test-vm
+
+test-host: setup
+	$(PY) -m pytest -q tests/host
+
+test-vm: module
+	bash scripts/vm -- bash tests/vm/run
+
+# On a machine with an NVIDIA GPU (the device machine).
+test-gpu:
+	python3 -m pytest -q tests/gpu
+
+bench-vm: module
+	bash scripts/vm -- .venv/bin/python scripts/bench/vm_roundtrip.py
+
+clean:
+	@$(MAKE) -s -C kmod clean KVER=$(KVER) || true
+	@$(MAKE) -s -C lakelib/examples clean KVER=$(KVER) || true

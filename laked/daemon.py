@@ -1,0 +1,179 @@
+"""The laked main loop: register with lake.ko, serve the CLI, keep maps fresh."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import ctl, sysfs
+from .genl import Control, ControlError, ModuleNotLoaded
+from .gpustat import GpuUtil
+from .policy import PolicyError, PolicyManager
+
+log = logging.getLogger("laked")
+
+DEFAULT_RUN_DIR = Path(os.environ.get("LAKED_RUN_DIR", "/run/lake"))
+
+
+@dataclass
+class Config:
+    run_dir: Path = DEFAULT_RUN_DIR
+    interval: float = 0.5        # seconds between map refreshes
+
+    @property
+    def sock_path(self) -> Path:
+        return self.run_dir / "laked.sock"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.run_dir / "laked.pid"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "laked.log"
+
+
+@dataclass
+class Daemon:
+    cfg: Config
+    control: Control | None = None
+    util: GpuUtil = field(default_factory=GpuUtil)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.ctl_lock = threading.Lock()
+        self.policy = PolicyManager(self._attach, self._detach)
+
+    # -- lake.ko ------------------------------------------------------------
+    def _attach(self, fd: int, name: str) -> None:
+        with self.ctl_lock:
+            self._require_control().policy_attach(fd, name)
+
+    def _detach(self) -> None:
+        with self.ctl_lock:
+            self._require_control().policy_detach()
+
+    def _require_control(self) -> Control:
+        if self.control is None:
+            raise ModuleNotLoaded("lake.ko is not loaded; laked is waiting for it")
+        return self.control
+
+    def connect(self) -> None:
+        control = Control()
+        try:
+            control.hello()
+        except ControlError:
+            control.close()
+            raise
+        self.control = control
+        log.info("registered with lake.ko (pid %d)", os.getpid())
+
+    def _disconnect(self, why: str) -> None:
+        log.warning("%s", why)
+        self.policy.forget()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+
+    def _registered(self) -> bool:
+        try:
+            return sysfs.read("daemon") == f"connected pid={os.getpid()}"
+        except OSError:
+            return False
+
+    def tick(self) -> None:
+        with self.ctl_lock:
+            if self.control is not None and not self._registered():
+                self._disconnect("lake.ko was unloaded or dropped us; waiting for it")
+            if self.control is None and sysfs.loaded():
+                try:
+                    self.connect()
+                except (ModuleNotLoaded, ControlError, OSError) as e:
+                    log.debug("reconnect failed: %s", e)
+        self.policy.update_maps({"gpu_util": self.util.read()})
+
+    # -- lifecycle -----------------------------------------------------------
+    def run(self, ready: Callable[[str | None], None] | None = None) -> int:
+        try:
+            self.connect()
+            server = ctl.Server(self.cfg.sock_path, self.handle)
+        except (ModuleNotLoaded, ControlError, OSError) as e:
+            if ready:
+                ready(str(e))
+            raise
+        server.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_event.set())
+        log.info("laked ready: control socket %s", self.cfg.sock_path)
+        if ready:
+            ready(None)
+        try:
+            while not self.stop_event.wait(self.cfg.interval):
+                self.tick()
+        finally:
+            server.close()
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        with self.ctl_lock:
+            if self.control is not None:
+                try:
+                    self.control.bye()  # the module detaches our policy
+                except ControlError as e:
+                    log.warning("goodbye to lake.ko failed: %s", e)
+                self.control.close()
+                self.control = None
+        self.policy.forget()
+        log.info("laked stopped")
+
+    # -- CLI requests ----------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "module_connected": self.control is not None,
+            "executor": "cpu",
+            "policy": self.policy.info(),
+            "gpu_util": {"value": self.util.read(), "source": self.util.source},
+        }
+
+    def handle(self, req: dict[str, Any], peer: ctl.Peer) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "status":
+            return {"ok": True, "status": self.status()}
+        if op not in ("policy_load", "policy_unload", "util", "stop"):
+            return {"ok": False, "error": f"unknown request {op!r}"}
+        if peer.uid != 0:
+            return {"ok": False, "error": f"{op} needs root (you are uid {peer.uid})"}
+        try:
+            return self._handle_admin(op, req)
+        except (PolicyError, ControlError, ModuleNotLoaded, ValueError) as e:
+            log.warning("%s refused: %s", op, e)
+            return {"ok": False, "error": str(e)}
+
+    def _handle_admin(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        if op == "policy_load":
+            defines = {str(k): str(v) for k, v in dict(req.get("defines") or {}).items()}
+            loaded = self.policy.load(Path(str(req["path"])), defines)
+            self.policy.update_maps({"gpu_util": self.util.read()})
+            return {"ok": True, "policy": self.policy.info() | {"prog_id": loaded.prog_id}}
+        if op == "policy_unload":
+            self.policy.unload()
+            log.info("policy detached; lake.ko uses its built-in rule")
+            return {"ok": True}
+        if op == "util":
+            value = req.get("value")
+            self.util.set_override(None if value is None else int(value))
+            self.policy.update_maps({"gpu_util": self.util.read()})
+            log.info("GPU utilisation %s", "auto" if value is None else f"pinned at {value}%")
+            return {"ok": True, "gpu_util": self.util.read(), "source": self.util.source}
+        self.stop_event.set()
+        return {"ok": True}
+

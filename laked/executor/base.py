@@ -1,0 +1,166 @@
+"""What every executor shares: op dispatch, sessions and their handles.
+
+An executor carries out one ``lake_sqe`` at a time for the server and
+answers ``(CUresult, ret0, ret1)``, or ``None`` when the completion must
+wait (it then comes back later through ``reap()``).  Nothing raises out of
+``execute``: bad handles, bad offsets and surprises all become CUresults,
+because a kernel caller is waiting for an answer and laked must go on.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+from abc import ABC
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import abi
+from ..region import Region, RegionError, Sqe
+
+log = logging.getLogger("laked.executor")
+
+Completion = tuple[int, int, int]
+Handler = Callable[[Sqe], "Completion | None"]
+
+OK: Completion = (abi.LAKE_CUDA_SUCCESS, 0, 0)
+
+# op number -> lower-case name ("memcpy_htod"), from the header
+OP_NAMES: dict[int, str] = {v: k.lower() for k, v in abi.names_with_prefix("LAKE_OP_").items()}
+
+
+def op_name(op: int) -> str:
+    return OP_NAMES.get(op, f"op{op}")
+
+
+class ExecutorUnavailable(RuntimeError):
+    """The executor cannot run on this machine; the message says why."""
+
+
+class CuError(Exception):
+    """A CUresult to hand back to the caller from deep inside a handler."""
+
+    def __init__(self, code: int, why: str = "") -> None:
+        super().__init__(why or f"CUresult {code}")
+        self.code = code
+
+
+class HandleError(CuError):
+    def __init__(self, why: str) -> None:
+        super().__init__(abi.LAKE_CUDA_ERROR_INVALID_HANDLE, why)
+
+
+@dataclass
+class Session:
+    """One caller's objects.  Handles are opaque numbers laked hands out;
+    device pointers are real ones (kernels need them), tracked by range."""
+
+    id: int
+    initialized: bool = False
+    contexts: set[int] = field(default_factory=set)
+    objects: dict[int, tuple[str, Any]] = field(default_factory=dict)
+    alloc_bases: list[int] = field(default_factory=list)    # sorted
+    alloc_sizes: dict[int, int] = field(default_factory=dict)
+    lost: int = 0           # sticky CUresult after the GPU context was lost
+
+    def get(self, handle: int, kind: str) -> Any:
+        entry = self.objects.get(handle)
+        if entry is None or entry[0] != kind:
+            raise HandleError(f"session {self.id}: no {kind} with handle {handle:#x}")
+        return entry[1]
+
+    def of_kind(self, kind: str) -> list[tuple[int, Any]]:
+        return [(h, o) for h, (k, o) in self.objects.items() if k == kind]
+
+    def add_alloc(self, dptr: int, size: int) -> None:
+        bisect.insort(self.alloc_bases, dptr)
+        self.alloc_sizes[dptr] = size
+
+    def remove_alloc(self, dptr: int) -> bool:
+        if dptr not in self.alloc_sizes:
+            return False
+        del self.alloc_sizes[dptr]
+        self.alloc_bases.pop(bisect.bisect_left(self.alloc_bases, dptr))
+        return True
+
+    def owns_range(self, dptr: int, length: int) -> bool:
+        """Whether [dptr, dptr + length) lies inside one of our allocations."""
+        i = bisect.bisect_right(self.alloc_bases, dptr) - 1
+        if i < 0:
+            return False
+        base = self.alloc_bases[i]
+        return dptr + length <= base + self.alloc_sizes[base]
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(self.alloc_sizes.values())
+
+
+class Executor(ABC):
+    """Dispatches ops to ``op_<name>`` methods; subclasses fill them in."""
+
+    name = "base"
+
+    def __init__(self, region: Region) -> None:
+        self.region = region
+        self.registered = False
+        self.sessions: dict[int, Session] = {}
+        self._handles = itertools.count(1)
+        self._handlers: dict[int, Handler] = {}
+        for op, name in OP_NAMES.items():
+            fn = getattr(self, f"op_{name}", None)
+            if fn is not None:
+                self._handlers[op] = fn
+
+    # -- the server's interface -------------------------------------------
+    def execute(self, sqe: Sqe) -> Completion | None:
+        handler = self._handlers.get(sqe.op)
+        if handler is None:
+            return (abi.LAKE_CUDA_ERROR_NOT_SUPPORTED, 0, 0)
+        try:
+            return handler(sqe)
+        except CuError as e:
+            log.debug("%s (session %d): %s", op_name(sqe.op), sqe.session, e)
+            return (e.code, 0, 0)
+        except (RegionError, ValueError) as e:
+            log.debug("%s (session %d): %s", op_name(sqe.op), sqe.session, e)
+            return (abi.LAKE_CUDA_ERROR_INVALID_VALUE, 0, 0)
+        except Exception:  # noqa: BLE001 - a bug here must not take laked down
+            log.exception("%s (session %d) failed unexpectedly", op_name(sqe.op), sqe.session)
+            return (abi.LAKE_CUDA_ERROR_UNKNOWN, 0, 0)
+
+    def reap(self) -> list[tuple[int, Completion]]:
+        """Completions of requests that ``execute`` answered with None."""
+        return []
+
+    def deferred(self) -> int:
+        """How many completions ``reap`` still owes."""
+        return 0
+
+    def info(self) -> dict[str, Any]:
+        return {"executor": self.name, "registered": self.registered,
+                "sessions": len(self.sessions)}
+
+    def close(self) -> None:
+        """Free every session's objects and what the executor holds."""
+        self.sessions.clear()
+
+    # -- helpers for subclasses ------------------------------------------
+    def session(self, sid: int) -> Session:
+        s = self.sessions.get(sid)
+        if s is None:
+            s = self.sessions[sid] = Session(sid)
+        return s
+
+    def new_handle(self) -> int:
+        return next(self._handles)
+
+    def payload(self, sqe: Sqe) -> memoryview:
+        """The request's payload (the server has checked its bounds)."""
+        if sqe.data_len == 0:
+            raise CuError(abi.LAKE_CUDA_ERROR_INVALID_VALUE, "request has no payload")
+        return self.region.view(sqe.data_off, sqe.data_len)
+
+    # Every executor answers these two the same way.
+    def op_null(self, sqe: Sqe) -> Completion:
+        return OK
