@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from . import ctl, sysfs
-from .daemon import DEFAULT_RUN_DIR, Config, Daemon
+from .config import DEFAULT_RUN_DIR, Config
 
 log = logging.getLogger("laked")
 
@@ -108,6 +108,7 @@ def _daemonize(cfg: Config, verbose: bool) -> None:
         os.close(wfd)
 
     try:
+        from .daemon import Daemon  # pyroute2 and friends: only the daemon pays
         code = Daemon(cfg).run(ready)
     except Exception as e:  # reported through the pipe and the log
         log.error("laked failed: %s", e)
@@ -144,6 +145,7 @@ def start(ctx: click.Context, background: bool) -> None:
     _setup_logging(ctx.obj["verbose"], None)
     cfg.pid_path.write_text(f"{os.getpid()}\n")
     try:
+        from .daemon import Daemon
         sys.exit(Daemon(cfg).run())
     except Exception as e:  # a clear line instead of a traceback
         _fail(str(e))
@@ -181,7 +183,15 @@ def stop(ctx: click.Context, timeout: float) -> None:
     click.echo("laked: stopped")
 
 
-def _module_status() -> dict[str, Any]:
+def _module_status(cfg: Config) -> dict[str, Any]:
+    # Through a running laked first: a one-shot netlink client costs an
+    # import of pyroute2, slow where Python is slow (the emulated test VM).
+    try:
+        reply = ctl.call(cfg.sock_path, {"op": "module_status"}, 10)
+        if reply.get("ok"):
+            return dict(reply["module"])
+    except ctl.NotRunning:
+        pass
     from .genl import Control, ControlError, ModuleNotLoaded
     try:
         with Control() as c:
@@ -204,7 +214,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     cfg = _cfg(ctx)
     out: dict[str, Any] = {"sysfs": sysfs.read_all(), "module": None, "daemon": None}
     if sysfs.loaded():
-        out["module"] = _module_status()
+        out["module"] = _module_status(cfg)
     try:
         reply = ctl.call(cfg.sock_path, {"op": "status"}, 10)
         out["daemon"] = reply.get("status")
@@ -327,7 +337,9 @@ def util_auto(ctx: click.Context) -> None:
 @click.option("--model", type=click.IntRange(0, 2**32 - 1), default=0)
 @click.option("--queue-depth", type=click.IntRange(0, 2**32 - 1), default=0)
 @click.option("--json", "as_json", is_flag=True)
-def decide(batch: int, model: int, queue_depth: int, as_json: bool) -> None:
+@click.pass_context
+def decide(ctx: click.Context, batch: int, model: int, queue_depth: int,
+           as_json: bool) -> None:
     """Ask lake.ko for one decision on a given context (debugging).
 
     \b
@@ -336,17 +348,32 @@ def decide(batch: int, model: int, queue_depth: int, as_json: bool) -> None:
       laked decide --batch 8 --json
     """
     _need_root("laked decide")
+    target, by = _decide(_cfg(ctx), batch, model, queue_depth)
+    if as_json:
+        click.echo(json.dumps({"batch": batch, "target": target, "by": by}))
+    else:
+        click.echo(f"batch {batch:>6} -> {target} (by {by})")
+
+
+def _decide(cfg: Config, batch: int, model: int, queue_depth: int) -> tuple[str, str]:
+    """Ask through a running laked when there is one, else directly."""
+    req = {"op": "decide", "batch": batch, "model": model, "queue_depth": queue_depth}
+    try:
+        reply = ctl.call(cfg.sock_path, req, 10)
+    except ctl.NotRunning:
+        reply = None
+    if reply is not None:
+        if not reply.get("ok"):
+            _fail(str(reply.get("error")))
+        return str(reply["target"]), str(reply["by"])
     from .genl import Control, ControlError, ModuleNotLoaded
     try:
         with Control() as c:
             d = c.decide(batch, model=model, queue_depth=queue_depth)
     except (ModuleNotLoaded, ControlError) as e:
         _fail(str(e))
-        return
-    if as_json:
-        click.echo(json.dumps({"batch": batch, "target": d.target, "by": d.by}))
-    else:
-        click.echo(f"batch {batch:>6} -> {d.target} (by {d.by})")
+        raise AssertionError("unreachable") from e
+    return d.target, d.by
 
 
 if __name__ == "__main__":

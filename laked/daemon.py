@@ -11,32 +11,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import ctl, sysfs
+from .config import DEFAULT_RUN_DIR, Config
 from .genl import Control, ControlError, ModuleNotLoaded
 from .gpustat import GpuUtil
 from .policy import PolicyError, PolicyManager
 
 log = logging.getLogger("laked")
-
-DEFAULT_RUN_DIR = Path(os.environ.get("LAKED_RUN_DIR", "/run/lake"))
-
-
-@dataclass
-class Config:
-    run_dir: Path = DEFAULT_RUN_DIR
-    interval: float = 0.5        # seconds between map refreshes
-
-    @property
-    def sock_path(self) -> Path:
-        return self.run_dir / "laked.sock"
-
-    @property
-    def pid_path(self) -> Path:
-        return self.run_dir / "laked.pid"
-
-    @property
-    def log_path(self) -> Path:
-        return self.run_dir / "laked.log"
-
 
 @dataclass
 class Daemon:
@@ -148,7 +128,10 @@ class Daemon:
         op = req.get("op")
         if op == "status":
             return {"ok": True, "status": self.status()}
-        if op not in ("policy_load", "policy_unload", "util", "stop"):
+        if op == "module_status":
+            with self.ctl_lock:
+                return {"ok": True, "module": self._require_control().status()}
+        if op not in ("policy_load", "policy_unload", "util", "stop", "decide"):
             return {"ok": False, "error": f"unknown request {op!r}"}
         if peer.uid != 0:
             return {"ok": False, "error": f"{op} needs root (you are uid {peer.uid})"}
@@ -159,6 +142,12 @@ class Daemon:
             return {"ok": False, "error": str(e)}
 
     def _handle_admin(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        if op == "decide":
+            with self.ctl_lock:
+                d = self._require_control().decide(
+                    int(req["batch"]), model=int(req.get("model", 0)),
+                    queue_depth=int(req.get("queue_depth", 0)))
+            return {"ok": True, "target": d.target, "by": d.by}
         if op == "policy_load":
             defines = {str(k): str(v) for k, v in dict(req.get("defines") or {}).items()}
             loaded = self.policy.load(Path(str(req["path"])), defines)

@@ -47,6 +47,14 @@ class ModuleNotLoaded(RuntimeError):
     """lake.ko is not loaded (no generic netlink family "lake")."""
 
 
+def _daemon_sysfs() -> str:
+    try:
+        with open("/sys/kernel/lake/daemon") as f:
+            return f.read().strip()
+    except OSError as e:
+        return f"cannot read /sys/kernel/lake/daemon: {e.strerror}"
+
+
 class ControlError(RuntimeError):
     """The module refused a control request; errno and message say why."""
 
@@ -108,7 +116,12 @@ class Control:
             raise ControlError(e.code, f"{text} (errno {e.code})") from None
 
     def hello(self) -> None:
-        self.request(abi.LAKE_CMD_HELLO, [("LAKE_ATTR_VERSION", abi.LAKE_ABI_VERSION)])
+        try:
+            self.request(abi.LAKE_CMD_HELLO, [("LAKE_ATTR_VERSION", abi.LAKE_ABI_VERSION)])
+        except ControlError as e:
+            if e.code != errno.EBUSY:
+                raise
+            raise ControlError(e.code, f"another laked is connected ({_daemon_sysfs()})") from None
 
     def bye(self) -> None:
         self.request(abi.LAKE_CMD_BYE, [])
