@@ -592,4 +592,57 @@ cuapi.o: /work/main/kmod/cuapi.c \
  /usr/src/linux-headers-6.1.0-56-common/include/linux/file.h \
  /usr/src/linux-headers-6.1.0-56-common/include/linux/nsproxy.h \
  /usr/src/linux-headers-6.1.0-56-common/include/uapi/linux/netlink.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/genetlink.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/genetlink.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/uapi/linux/genetlink.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netlink.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/net_namespace.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/core.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/mib.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/snmp.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/uapi/linux/snmp.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/u64_stats_sync.h \
+ arch/x86/include/generated/asm/local64.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/asm-generic/local64.h \
+ /usr/src/linux-headers-6.1.0-56-common/arch/x86/include/asm/local.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/unix.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/packet.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/ipv4.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/inet_frag.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/ipv6.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/dst_ops.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/uapi/linux/icmpv6.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/nexthop.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/ieee802154_6lowpan.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/sctp.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/netfilter.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/netfilter_defs.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/uapi/linux/netfilter.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/in.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/uapi/linux/in.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/conntrack.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/list_nulls.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/netfilter/nf_conntrack_tcp.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/uapi/linux/netfilter/nf_conntrack_tcp.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/netfilter/nf_conntrack_dccp.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/uapi/linux/netfilter/nf_conntrack_tuple_common.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/netfilter/nf_conntrack_sctp.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/uapi/linux/netfilter/nf_conntrack_sctp.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/flow_table.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/nftables.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/xfrm.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/uapi/linux/xfrm.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/mpls.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/can.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/xdp.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/smc.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/bpf.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/netns/mctp.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/net_trackers.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/ref_tracker.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/ns_common.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/seq_file_net.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/seq_file.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/string_helpers.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/ctype.h \
  /work/main/kmod/../lakelib/lake.h /work/main/kmod/../lakelib/uapi/lake.h

@@ -724,5 +724,8 @@ policy.o: /work/main/kmod/policy.c \
  /usr/src/linux-headers-6.1.0-56-common/include/net/rtnetlink.h \
  /usr/src/linux-headers-6.1.0-56-common/include/net/netlink.h \
  /usr/src/linux-headers-6.1.0-56-common/include/net/flow_offload.h \
- /work/main/kmod/internal.h /work/main/kmod/../lakelib/lake.h \
- /work/main/kmod/../lakelib/uapi/lake.h
+ /work/main/kmod/internal.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/net/genetlink.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/linux/genetlink.h \
+ /usr/src/linux-headers-6.1.0-56-common/include/uapi/linux/genetlink.h \
+ /work/main/kmod/../lakelib/lake.h /work/main/kmod/../lakelib/uapi/lake.h

@@ -32,6 +32,17 @@ static const struct nla_policy lake_genl_policy[LAKE_ATTR_MAX + 1] = {
 	[LAKE_ATTR_STAT_REQUESTS]	= { .type = NLA_U64 },
 	[LAKE_ATTR_STAT_TIMEOUTS]	= { .type = NLA_U64 },
 	[LAKE_ATTR_STAT_SQ_FULL_WAITS]	= { .type = NLA_U64 },
+	[LAKE_ATTR_MODEL_NAME]		= { .type = NLA_NUL_STRING,
+					    .len = LAKE_MODEL_NAME_MAX - 1 },
+	[LAKE_ATTR_MODEL_FRAC]		= NLA_POLICY_MAX(NLA_U32,
+							 LAKE_MODEL_FRAC_MAX),
+	[LAKE_ATTR_MODEL_LAYER]		= { .type = NLA_BINARY },
+	[LAKE_ATTR_MODEL_ID]		= { .type = NLA_U32 },
+	[LAKE_ATTR_MODEL_VERSION]	= { .type = NLA_U32 },
+	[LAKE_ATTR_INFER_INPUT]		= { .type = NLA_BINARY },
+	[LAKE_ATTR_INFER_OUTPUT]	= { .type = NLA_BINARY },
+	[LAKE_ATTR_INFER_MODE]		= NLA_POLICY_MAX(NLA_U32, LAKE_INFER_GPU),
+	[LAKE_ATTR_INFER_FALLBACK]	= { .type = NLA_U8 },
 };
 
 static struct genl_family lake_genl_family;
@@ -118,14 +129,14 @@ static int lake_put_status(struct sk_buff *msg)
 }
 
 /* Builds a reply of @cmd, lets @fill add attributes, and sends it. */
-static int lake_reply(struct genl_info *info, u8 cmd,
-		      int (*fill)(struct sk_buff *msg, void *arg), void *arg)
+int lake_reply(struct genl_info *info, u8 cmd, size_t size,
+	       int (*fill)(struct sk_buff *msg, void *arg), void *arg)
 {
 	struct sk_buff *msg;
 	void *hdr;
 	int err;
 
-	msg = genlmsg_new(NLMSG_GOODSIZE, GFP_KERNEL);
+	msg = genlmsg_new(size, GFP_KERNEL);
 	if (!msg)
 		return -ENOMEM;
 	hdr = genlmsg_put_reply(msg, info, &lake_genl_family, 0, cmd);
@@ -150,7 +161,8 @@ static int lake_fill_status(struct sk_buff *msg, void *arg)
 
 static int lake_cmd_status(struct sk_buff *skb, struct genl_info *info)
 {
-	return lake_reply(info, LAKE_CMD_STATUS, lake_fill_status, NULL);
+	return lake_reply(info, LAKE_CMD_STATUS, NLMSG_GOODSIZE,
+			  lake_fill_status, NULL);
 }
 
 struct lake_decision_reply {
@@ -187,7 +199,8 @@ static int lake_cmd_decide(struct sk_buff *skb, struct genl_info *info)
 	ctx.queue_delay_us = lake_attr_u32(info, LAKE_ATTR_CTX_QUEUE_DELAY_US);
 	d.verdict = lake_decide(&ctx, &by);
 	d.by = by;
-	return lake_reply(info, LAKE_CMD_DECIDE, lake_fill_decision, &d);
+	return lake_reply(info, LAKE_CMD_DECIDE, NLMSG_GOODSIZE,
+			  lake_fill_decision, &d);
 }
 
 static const struct genl_small_ops lake_genl_ops[] = {
@@ -213,6 +226,21 @@ static const struct genl_small_ops lake_genl_ops[] = {
 	{
 		.cmd	= LAKE_CMD_DECIDE,
 		.doit	= lake_cmd_decide,
+		.flags	= GENL_ADMIN_PERM,
+	},
+	{
+		.cmd	= LAKE_CMD_MODEL_PUSH,
+		.doit	= lake_cmd_model_push,
+		.flags	= GENL_ADMIN_PERM,
+	},
+	{
+		.cmd	= LAKE_CMD_MODEL_DEL,
+		.doit	= lake_cmd_model_del,
+		.flags	= GENL_ADMIN_PERM,
+	},
+	{
+		.cmd	= LAKE_CMD_INFER,
+		.doit	= lake_cmd_infer,
 		.flags	= GENL_ADMIN_PERM,
 	},
 };

@@ -5,6 +5,10 @@
 
 #include <linux/types.h>
 #include <linux/netlink.h>
+#include <net/genetlink.h>
+#include <linux/kobject.h>
+#include <linux/refcount.h>
+#include <linux/rcupdate.h>
 #include "lake.h"
 
 /* knobs.c: /sys/kernel/lake values, declared once in a table */
@@ -58,7 +62,13 @@ int lake_daemon_init(void);
 void lake_daemon_exit(void);
 
 /* control.c: generic netlink family "lake" */
+int lake_reply(struct genl_info *info, u8 cmd, size_t size,
+	       int (*fill)(struct sk_buff *msg, void *arg), void *arg);
 int lake_control_init(void);
+/* modelctl.c: its model commands */
+int lake_cmd_model_push(struct sk_buff *skb, struct genl_info *info);
+int lake_cmd_model_del(struct sk_buff *skb, struct genl_info *info);
+int lake_cmd_infer(struct sk_buff *skb, struct genl_info *info);
 void lake_control_exit(void);
 
 /* region.c: the shared region of /dev/lake (rings and heap) */
@@ -94,6 +104,8 @@ struct lake_req_args {
 	void *payload;		/* heap buffer owned by the request, or NULL */
 	size_t payload_len;
 	void *copy_out;		/* calls: payload copied here on success */
+	size_t copy_out_off;	/* ... from this offset in the payload */
+	size_t copy_out_len;	/* ... this many bytes (0: all of it) */
 };
 
 /* Submit and sleep until laked answers or timeout_ms passes. */
@@ -120,7 +132,64 @@ int lake_cuapi_init(void);
 void lake_cuapi_exit(void);
 
 /* sysfs.c: /sys/kernel/lake */
+struct kobject *lake_sysfs_kobj(void);
 int lake_sysfs_init(void);
 void lake_sysfs_exit(void);
+
+/* feature.c: the feature registry */
+int lake_feature_init(void);
+void lake_feature_exit(void);
+
+/* model.c: the model store; mlp.c: the fixed-point CPU path */
+enum lake_mstat_id {
+	LAKE_MSTAT_CPU_RUNS,
+	LAKE_MSTAT_CPU_ITEMS,
+	LAKE_MSTAT_CPU_NS,
+	LAKE_MSTAT_GPU_RUNS,
+	LAKE_MSTAT_GPU_ITEMS,
+	LAKE_MSTAT_GPU_NS,
+	LAKE_MSTAT_FALLBACKS,
+	LAKE_MSTAT_NR,
+};
+
+struct lake_wlayer {
+	u32 n_in, n_out;
+	const s32 *w;		/* [n_out][n_in] */
+	const s32 *b;		/* [n_out] */
+};
+
+/* Immutable once published; freed after the last reference and RCU. */
+struct lake_weights {
+	struct rcu_head rcu;
+	refcount_t ref;
+	u32 version, frac, n_layers;
+	u32 n_in, n_out, max_dim;
+	struct lake_wlayer layer[LAKE_MODEL_LAYERS_MAX];
+	void *blob;		/* struct lake_model_blob + layers, kvmalloc */
+	size_t blob_len;
+	void *rgn_blob;		/* its copy in the region, or NULL */
+};
+
+struct lake_model {
+	struct kobject kobj;
+	struct list_head node;
+	u32 id;
+	char name[LAKE_MODEL_NAME_MAX];
+	struct lake_weights __rcu *w;
+	atomic64_t stat[LAKE_MSTAT_NR];
+};
+
+struct lake_weights *lake_weights_get(struct lake_model *m);
+void lake_weights_put(struct lake_weights *w);
+int lake_model_push(const char *name, void *blob, size_t len, u32 *id,
+		    u32 *version);
+int lake_model_delete(const char *name);
+struct lake_model *lake_model_lookup(const char *name);
+int lake_model_init(void);
+void lake_model_exit(void);
+size_t lake_layer_bytes(u32 n_in, u32 n_out);
+int lake_blob_check(const void *blob, size_t len);
+int lake_mlp_run(const struct lake_weights *w, const s32 *in, u32 batch,
+		 s32 *out, gfp_t gfp);
 
 #endif /* _LAKE_INTERNAL_H */

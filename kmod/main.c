@@ -22,8 +22,11 @@ static const struct lake_part lake_parts[] = {
 	{ "rpc",	lake_rpc_init,		lake_rpc_exit },
 	{ "cuapi",	lake_cuapi_init,	lake_cuapi_exit },
 	{ "dev",	lake_dev_init,		lake_dev_exit },
-	{ "control",	lake_control_init,	lake_control_exit },
 	{ "sysfs",	lake_sysfs_init,	lake_sysfs_exit },
+	{ "feature",	lake_feature_init,	lake_feature_exit },
+	{ "model",	lake_model_init,	lake_model_exit },
+	/* last: no request arrives before everything it uses exists */
+	{ "control",	lake_control_init,	lake_control_exit },
 };
 
 static void lake_unwind(int n)

@@ -151,7 +151,8 @@ int lake_rpc_call(const struct lake_req_args *a, struct lake_cqe *out)
 	if (left > 0) {
 		*out = req->cqe;
 		if (a->copy_out && !req->cqe.result)
-			memcpy(a->copy_out, req->payload, req->payload_len);
+			memcpy(a->copy_out, req->payload + a->copy_out_off,
+			       a->copy_out_len ?: req->payload_len);
 		err = 0;
 	} else {
 		err = left ? left : -ETIMEDOUT;

@@ -110,6 +110,11 @@ static void lake_sysfs_build(void)
 	lake_attrs[n] = NULL;
 }
 
+struct kobject *lake_sysfs_kobj(void)
+{
+	return lake_kobj;
+}
+
 int lake_sysfs_init(void)
 {
 	int err;

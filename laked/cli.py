@@ -108,7 +108,7 @@ def _daemonize(cfg: Config, verbose: bool) -> None:
         os.close(wfd)
 
     try:
-        from .daemon import Daemon  # pyroute2 and friends: only the daemon pays
+        from .daemon import Daemon  # BCC and friends: only the daemon pays
         code = Daemon(cfg).run(ready)
     except Exception as e:  # reported through the pipe and the log
         log.error("laked failed: %s", e)
@@ -185,7 +185,7 @@ def stop(ctx: click.Context, timeout: float) -> None:
 
 def _module_status(cfg: Config) -> dict[str, Any]:
     # Through a running laked first: a one-shot netlink client costs an
-    # import of pyroute2, slow where Python is slow (the emulated test VM).
+    # import and a socket, slow where Python is slow (the emulated test VM).
     try:
         reply = ctl.call(cfg.sock_path, {"op": "module_status"}, 10)
         if reply.get("ok"):

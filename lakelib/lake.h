@@ -80,4 +80,57 @@ int lake_cuStreamCreate(struct lake_session *s, lake_handle_t *stream,
 int lake_cuStreamDestroy(struct lake_session *s, lake_handle_t stream);
 int lake_cuStreamSynchronize(struct lake_session *s, lake_handle_t stream);
 
+/*
+ * Features.  A feature set is registered once; lake_feature_capture() then
+ * stores one vector (n_fields values, each sign-extended to 64 bits) on
+ * this CPU's ring without locks or waiting, from any context but NMI, and
+ * returns false when the ring is full (the drop is counted).  Records are
+ * read by lake_feature_read() (process context) or by user space from
+ * /sys/kernel/lake/features/NAME/records.  Unregister waits for captures
+ * in flight; captures after it are dropped.
+ */
+struct lake_feature;
+
+struct lake_field {
+	const char *name;
+	u32 type;		/* enum lake_field_type */
+};
+
+struct lake_feature *lake_feature_register(const char *name,
+					   const struct lake_field *fields,
+					   u32 n_fields, u32 capacity);
+void lake_feature_unregister(struct lake_feature *f);
+bool lake_feature_capture(struct lake_feature *f, const u64 *vals);
+ssize_t lake_feature_read(struct lake_feature *f, void *buf, size_t len);
+u32 lake_feature_record_size(const struct lake_feature *f);
+
+/*
+ * Models.  lake_model_open() finds or creates a model by name; its weights
+ * come from user space (laked model push NAME FILE) and may be swapped at
+ * any time: an inference uses the weights it started with.  Inputs and
+ * outputs are fixed point with the model's fraction bits (see struct
+ * lake_layer).
+ *
+ * lake_infer() asks the policy (or obeys @mode), runs the batch on the CPU
+ * here or on the GPU through laked, and falls back to the CPU when the GPU
+ * path fails; it sleeps (process context).  -ENODATA: no weights yet;
+ * -EINVAL: the weights' shape is not n_in -> n_out.  lake_infer_cpu()
+ * never sleeps when @gfp does not.
+ */
+struct lake_model;
+
+struct lake_infer_result {
+	u32 target;		/* enum lake_decision actually asked for */
+	enum lake_decided_by by;
+	bool fallback;		/* the GPU failed; the CPU answered */
+};
+
+struct lake_model *lake_model_open(const char *name);
+void lake_model_close(struct lake_model *m);
+u32 lake_model_id(const struct lake_model *m);
+int lake_infer(struct lake_model *m, const s32 *in, u32 batch, u32 n_in,
+	       s32 *out, u32 n_out, u32 mode, struct lake_infer_result *res);
+int lake_infer_cpu(struct lake_model *m, const s32 *in, u32 batch, u32 n_in,
+		   s32 *out, u32 n_out, gfp_t gfp);
+
 #endif /* _LAKE_H */

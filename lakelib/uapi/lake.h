@@ -25,6 +25,9 @@ enum lake_genl_cmd {
 	LAKE_CMD_POLICY_SET,	/* attach FD+NAME, or detach with neither (admin) */
 	LAKE_CMD_STATUS,	/* read everything */
 	LAKE_CMD_DECIDE,	/* debug: run one decision on a given context (admin) */
+	LAKE_CMD_MODEL_PUSH,	/* NAME, FRAC, LAYER...: create or swap weights (admin) */
+	LAKE_CMD_MODEL_DEL,	/* NAME: delete a model laked pushed (admin) */
+	LAKE_CMD_INFER,		/* debug: NAME, CTX_BATCH, INPUT[, MODE] -> OUTPUT (admin) */
 	__LAKE_CMD_MAX,
 };
 #define LAKE_CMD_MAX (__LAKE_CMD_MAX - 1)
@@ -53,9 +56,82 @@ enum lake_genl_attr {
 	LAKE_ATTR_STAT_REQUESTS,	/* u64: requests sent to laked */
 	LAKE_ATTR_STAT_TIMEOUTS,	/* u64: requests laked did not answer in time */
 	LAKE_ATTR_STAT_SQ_FULL_WAITS,	/* u64: submitters that waited for ring space */
+	LAKE_ATTR_MODEL_NAME,		/* string, < LAKE_MODEL_NAME_MAX */
+	LAKE_ATTR_MODEL_FRAC,		/* u32: fixed-point fraction bits */
+	LAKE_ATTR_MODEL_LAYER,		/* binary, repeated: struct lake_layer */
+	LAKE_ATTR_MODEL_ID,		/* u32 */
+	LAKE_ATTR_MODEL_VERSION,	/* u32: bumped by every push */
+	LAKE_ATTR_INFER_INPUT,		/* binary: __s32[batch][n_in] */
+	LAKE_ATTR_INFER_OUTPUT,		/* binary: __s32[batch][n_out] */
+	LAKE_ATTR_INFER_MODE,		/* u32: enum lake_infer_mode */
+	LAKE_ATTR_INFER_FALLBACK,	/* u8: the GPU failed, the CPU answered */
 	__LAKE_ATTR_MAX,
 };
 #define LAKE_ATTR_MAX (__LAKE_ATTR_MAX - 1)
+
+/* ---- models: fixed-point multilayer perceptrons ----------------------- */
+
+#define LAKE_MODEL_NAME_MAX	32
+#define LAKE_MODEL_LAYERS_MAX	8
+#define LAKE_MODEL_DIM_MAX	4096
+#define LAKE_MODEL_FRAC_MAX	24
+#define LAKE_MODEL_IDS		64	/* ids 1..63; index of the cost map */
+
+/*
+ * One dense layer: out = sat32(((W . in) >> frac) + b), ReLU on every layer
+ * but the last.  Products and sums are 64-bit two's complement (wrapping),
+ * the shift is arithmetic, sat32 clamps to the s32 range: the CPU in the
+ * kernel, laked's CPU and its GPU all compute exactly this.
+ * Followed by __s32 w[n_out][n_in], then __s32 b[n_out].
+ */
+struct lake_layer {
+	__u32 n_in;
+	__u32 n_out;
+};
+
+/* A model's weights in the region for laked: the header, then its layers. */
+struct lake_model_blob {
+	__u32 n_layers;
+	__u32 frac;
+};
+
+enum lake_infer_mode {
+	LAKE_INFER_POLICY = 0,	/* ask lake_decide() */
+	LAKE_INFER_CPU = 1,	/* force the in-kernel CPU path */
+	LAKE_INFER_GPU = 2,	/* force laked (falls back to the CPU on failure) */
+};
+
+/*
+ * What laked keeps in a cost policy's "costs" map, indexed by model id:
+ * predicted latency = cpu_ns_per_item * batch on the CPU,
+ * gpu_ns_fixed + gpu_ns_per_item * batch through laked.
+ */
+struct lake_model_cost {
+	__u32 cpu_ns_per_item;
+	__u32 gpu_ns_fixed;
+	__u32 gpu_ns_per_item;
+	__u32 valid;		/* 0: nothing measured yet */
+};
+
+/* ---- features: per-CPU records kernel code captures ------------------- */
+
+#define LAKE_FEATURE_NAME_MAX	32
+#define LAKE_FEATURE_FIELDS_MAX	32
+
+enum lake_field_type {
+	LAKE_FIELD_U64 = 0,
+	LAKE_FIELD_S64 = 1,
+	LAKE_FIELD_U32 = 2,
+	LAKE_FIELD_S32 = 3,
+};
+
+/* What /sys/kernel/lake/features/NAME/records hands out, back to back. */
+struct lake_feature_rec {
+	__u64 ts_ns;		/* ktime_get_mono_fast_ns() at capture */
+	__u32 cpu;
+	__u32 n_fields;
+	__u64 v[];		/* each field, sign-extended to 64 bits */
+};
 
 /* ---- decisions ---------------------------------------------------------- */
 
@@ -163,6 +239,11 @@ enum lake_op {
 	LAKE_OP_STREAM_DESTROY,		/* a0 stream */
 	LAKE_OP_STREAM_SYNC,		/* a0 stream */
 	LAKE_OP_SESSION_CLOSE,		/* free every object of the session */
+	LAKE_OP_INFER,			/* a0 model id, a1 version, a2 blob off,
+					 * a3 blob len, a4 batch, a5 n_in,
+					 * a6 n_out; data = __s32 in[batch][n_in]
+					 * then __s32 out[batch][n_out] (laked
+					 * writes out) */
 	__LAKE_OP_MAX,
 };
 

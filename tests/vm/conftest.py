@@ -12,6 +12,9 @@ from typing import Iterator
 
 import pytest
 
+from laked import ctl
+from laked.genl import Control
+
 ROOT = Path(__file__).resolve().parents[2]
 KO = ROOT / "kmod" / "lake.ko"
 SYSFS = Path("/sys/kernel/lake")
@@ -53,11 +56,25 @@ def no_oops() -> Iterator[None]:
     assert not bad, "kernel log:\n" + new[-4000:]
 
 
+KNOB_DEFAULTS = {"enabled": "1", "gpu_batch_threshold": "32", "timeout_ms": "2000"}
+
+
 @pytest.fixture
 def module() -> Iterator[None]:
+    """lake.ko loaded; it stays loaded for the next test (boots are slow)."""
     insmod()
     yield
-    rmmod()
+    if module_loaded():
+        for knob, value in KNOB_DEFAULTS.items():
+            (SYSFS / knob).write_text(value)
+
+
+@pytest.fixture
+def no_module() -> Iterator[None]:
+    """lake.ko unloaded (the shared laked stopped first)."""
+    _shared.stop()
+    assert rmmod().returncode == 0 or not module_loaded()
+    yield
 
 
 class Laked:
@@ -83,7 +100,19 @@ class Laked:
         self.cli("start", "--daemon")
 
     def stop(self) -> None:
-        self.cli("stop", check=False)
+        if self.running():
+            self.cli("stop", check=False)
+
+    def running(self) -> bool:
+        try:
+            pid = self.pid
+        except (OSError, ValueError):
+            return False
+        return Path(f"/proc/{pid}").exists()
+
+    def request(self, req: dict[str, object]) -> dict[str, object]:
+        """Talk to laked in-process, as the CLI does, without its start-up."""
+        return ctl.call(self.run_dir / "laked.sock", req, 60)
 
     @property
     def pid(self) -> int:
@@ -94,16 +123,19 @@ class Laked:
         return p.read_text() if p.exists() else ""
 
     def decide(self, batch: int, **kw: int) -> tuple[str, str]:
-        args = ["decide", "--batch", str(batch), "--json"]
-        for k, v in kw.items():
-            args += [f"--{k.replace('_', '-')}", str(v)]
-        import json
-        out = json.loads(self.cli(*args).stdout)
-        return out["target"], out["by"]
+        """One decision straight from lake.ko (the CLI's path is tested once)."""
+        with Control() as c:
+            d = c.decide(batch, **kw)
+        return d.target, d.by
+
+
+_shared = Laked(Path("/tmp/laked-shared"))
 
 
 @pytest.fixture
-def laked_cli() -> Iterator[Laked]:
+def laked_cli(module: None) -> Iterator[Laked]:
+    """No laked running; a fresh run directory for the test's own."""
+    _shared.stop()
     # world-traversable, so tests can talk to laked as an unprivileged user
     run = Path(tempfile.mkdtemp(prefix="laked-test-", dir="/tmp"))
     run.chmod(0o755)
@@ -113,10 +145,22 @@ def laked_cli() -> Iterator[Laked]:
 
 
 @pytest.fixture
-def laked(module: None, laked_cli: Laked) -> Iterator[Laked]:
-    laked_cli.start()
-    yield laked_cli
-    laked_cli.stop()
+def no_laked(module: None) -> None:
+    """lake.ko loaded and no laked connected."""
+    _shared.stop()
+
+
+@pytest.fixture
+def laked(module: None) -> Iterator[Laked]:
+    """A running laked, shared by tests: starting one costs ~15 s here.
+    Each test gets it back with no policy and measured utilisation."""
+    if not _shared.running():
+        _shared.run_dir.mkdir(mode=0o755, exist_ok=True)
+        _shared.start()
+    yield _shared
+    if _shared.running():
+        _shared.request({"op": "policy_unload"})
+        _shared.request({"op": "util", "value": None})
 
 
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]

@@ -89,7 +89,8 @@ def test_daemon_checks_peer_uid(laked: Laked) -> None:
     assert Path(f"/proc/{laked.pid}").exists()
 
 
-def test_help_has_examples(laked_cli: Laked) -> None:
+def test_help_has_examples() -> None:
+    laked_cli = Laked(Path("/tmp/laked-help"))
     for cmd in (["--help"], ["start", "--help"], ["policy", "load", "--help"],
                 ["status", "--help"], ["decide", "--help"], ["util", "set", "--help"]):
         out = laked_cli.cli(*cmd).stdout

@@ -68,7 +68,7 @@ def test_null_round_trips(laked: Laked, dev: int) -> None:
     assert "serves /dev/lake" in sh("dmesg").stdout
 
 
-def test_no_daemon_fails_fast(dev: int) -> None:
+def test_no_daemon_fails_fast(no_laked: None, dev: int) -> None:
     t = time.monotonic()
     assert null_rt(dev) == errno.ENOTCONN
     assert time.monotonic() - t < 1.0
@@ -178,7 +178,7 @@ def run_vecadd(n: int) -> str:
     return (VECADD / "result").read_text().strip()
 
 
-def test_vecadd_without_daemon(vecadd: None) -> None:
+def test_vecadd_without_daemon(no_laked: None, vecadd: None) -> None:
     assert run_vecadd(1024) == (f"error {abi.LAKE_CUDA_ERROR_SYSTEM_NOT_READY} "
                                 "from lake_cuInit(v->s, 0)")
 

@@ -18,7 +18,7 @@ def read(name: str) -> str:
     return (SYSFS / name).read_text().strip()
 
 
-def test_load_unload_cycles() -> None:
+def test_load_unload_cycles(no_module: None) -> None:
     for _ in range(3):
         insmod()
         assert module_loaded()

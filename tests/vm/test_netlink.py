@@ -18,7 +18,7 @@ NLMSG_ERROR = 2
 
 def family_id() -> int:
     with Control() as c:
-        return int(c.sock.prid)
+        return c.family
 
 
 def nla(kind: int, payload: bytes, length: int | None = None) -> bytes:
@@ -83,7 +83,7 @@ def test_missing_attributes_are_refused(module: None) -> None:
     assert send_raw(fam, A.LAKE_CMD_HELLO) == errno.EINVAL
 
 
-def test_bad_version_is_refused(module: None) -> None:
+def test_bad_version_is_refused(no_laked: None) -> None:
     assert send_raw(family_id(), A.LAKE_CMD_HELLO, nla(A.LAKE_ATTR_VERSION, u32(99))) \
         == errno.EPROTO
     assert (SYSFS / "daemon").read_text().strip() == "disconnected"
@@ -105,7 +105,7 @@ def test_policy_set_only_from_the_daemon(laked: Laked) -> None:
     assert (SYSFS / "daemon").read_text().strip() == f"connected pid={laked.pid}"
 
 
-def test_bad_fd_from_the_daemon_socket(module: None) -> None:
+def test_bad_fd_from_the_daemon_socket(no_laked: None) -> None:
     """A fd that is no BPF program: refused with a message, nothing attached."""
     fam = family_id()
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16)
@@ -135,11 +135,12 @@ def test_random_messages_do_not_hurt(laked: Laked) -> None:
     fam = family_id()
     for _ in range(1500):
         attrs = b"".join(
-            nla(rng.randrange(0, 24), rng.randbytes(rng.randrange(0, 24)),
+            nla(rng.randrange(0, A.LAKE_ATTR_MAX + 3), rng.randbytes(rng.randrange(0, 24)),
                 length=rng.choice([None, None, None, rng.randrange(0, 64)]))
             for _ in range(rng.randrange(0, 5)))
         cmd = rng.choice([A.LAKE_CMD_DECIDE, A.LAKE_CMD_STATUS, A.LAKE_CMD_POLICY_SET,
-                          A.LAKE_CMD_HELLO, A.LAKE_CMD_BYE, rng.randrange(0, 256)])
+                          A.LAKE_CMD_HELLO, A.LAKE_CMD_BYE, A.LAKE_CMD_MODEL_PUSH,
+                          A.LAKE_CMD_MODEL_DEL, A.LAKE_CMD_INFER, rng.randrange(0, 256)])
         send_raw(fam, cmd, attrs)
     # the module and the daemon still work
     assert (SYSFS / "daemon").read_text().strip() == f"connected pid={laked.pid}"
