@@ -121,17 +121,22 @@ def _daemonize(cfg: Config, verbose: bool) -> None:
 @main.command()
 @click.option("--daemon", "background", is_flag=True,
               help="Run in the background with a pid file.")
+@click.option("--executor", type=click.Choice(["auto", "gpu", "cpu"]), default="auto",
+              show_default=True,
+              help="Who carries out requests: gpu (CUDA), cpu, or gpu when one works.")
 @click.pass_context
-def start(ctx: click.Context, background: bool) -> None:
+def start(ctx: click.Context, background: bool, executor: str) -> None:
     """Register with lake.ko and serve it (foreground unless --daemon).
 
     \b
     Examples:
       laked start              # foreground, logs on stderr, Ctrl-C stops
       laked start --daemon     # background, log in RUN_DIR/laked.log
+      laked start --executor cpu
     """
     _need_root("laked start")
     cfg = _cfg(ctx)
+    cfg.executor = executor
     if not sysfs.loaded():
         _fail("lake.ko is not loaded (/sys/kernel/lake is missing); "
               "run: insmod kmod/lake.ko")
@@ -247,6 +252,14 @@ def _print_status(out: dict[str, Any]) -> None:
     pol = d.get("policy")
     click.echo(f"laked:     pid {d['pid']}, up {d['uptime_s']}s, executor {d['executor']}, "
                f"module {'connected' if d['module_connected'] else 'waiting'}")
+    dp = d.get("dataplane")
+    if dp:
+        reg = ("registered with CUDA (zero-copy)" if dp["region_registered"]
+               else "not registered (staging copies)" if dp["executor"] == "gpu"
+               else "CPU executor")
+        srv = dp["server"]
+        click.echo(f"  region:  {dp['region_mb']} MiB, {reg}; requests {srv['requests']}, "
+                   f"errors {srv['errors']}")
     click.echo(f"  policy:  {pol['name'] + ' (' + pol['path'] + ')' if pol else 'none'}")
     util = d["gpu_util"]
     click.echo(f"  gpu_util: {util['value']}% ({util['source']})")
@@ -330,6 +343,164 @@ def util_auto(ctx: click.Context) -> None:
     """
     reply = _call(_cfg(ctx), {"op": "util", "value": None})
     click.echo(f"laked: gpu_util measured ({reply['source']}): {reply['gpu_util']}%")
+
+
+def _control() -> Any:
+    from .genl import Control, ControlError, ModuleNotLoaded
+    try:
+        return Control()
+    except (ModuleNotLoaded, ControlError) as e:
+        _fail(str(e))
+
+
+@main.group()
+def model() -> None:
+    """Push, list and delete the models lake.ko runs (fixed-point MLPs)."""
+
+
+@model.command("push")
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--frac", type=click.IntRange(0, 24), default=16, show_default=True,
+              help="Fixed-point fraction bits.")
+def model_push(name: str, file: str, frac: int) -> None:
+    """Quantise FILE (.npz with float w0,b0,w1,b1,...; w as [out, in]) and make
+    it NAME's weights.  Inferences already running finish on the old ones.
+
+    \b
+    Example:
+      laked model push linnos weights.npz
+    """
+    _need_root("laked model push")
+    from .genl import ControlError
+    from .mlp import ModelError, load_file
+    try:
+        fixed = load_file(Path(file), frac)
+    except ModelError as e:
+        _fail(str(e))
+        return
+    with _control() as c:
+        try:
+            mid, version = c.model_push(name, fixed.frac, fixed.layers())
+        except ControlError as e:
+            _fail(f"model push refused: {e}")
+            return
+    shape = "x".join(str(d) for d in fixed.shape)
+    click.echo(f"laked: model {name} (id {mid}) now has weights version {version}, "
+               f"shape {shape}, frac {fixed.frac}")
+
+
+@model.command("del")
+@click.argument("name")
+def model_del(name: str) -> None:
+    """Delete model NAME (kernel users keep theirs until they close it).
+
+    \b
+    Example:
+      laked model del linnos
+    """
+    _need_root("laked model del")
+    from .genl import ControlError
+    with _control() as c:
+        try:
+            c.model_del(name)
+        except ControlError as e:
+            _fail(f"model del {name}: {e}")
+    click.echo(f"laked: model {name} deleted")
+
+
+@model.command("list")
+def model_list() -> None:
+    """Show models with their weights and per-side counters.
+
+    \b
+    Example:
+      laked model list
+    """
+    for m in sysfs.models():
+        click.echo(f"{m['name']:<16} id {m['id']:<3} {m['weights']}")
+        click.echo("    " + " ".join(f"{k}={v}" for k, v in m["stats"].items()))
+
+
+@main.group()
+def cost() -> None:
+    """Pin or unpin a model's latency table (map costs of cost policies)."""
+
+
+@cost.command("set")
+@click.argument("model_id", type=click.IntRange(1, 63))
+@click.argument("cpu_ns_per_item", type=click.IntRange(0, 2**32 - 1))
+@click.argument("gpu_ns_fixed", type=click.IntRange(0, 2**32 - 1))
+@click.argument("gpu_ns_per_item", type=click.IntRange(0, 2**32 - 1))
+@click.pass_context
+def cost_set(ctx: click.Context, model_id: int, cpu_ns_per_item: int, gpu_ns_fixed: int,
+             gpu_ns_per_item: int) -> None:
+    """Pin MODEL_ID's costs instead of the measured ones.
+
+    \b
+    Example:
+      laked cost set 1 2000 50000 100    # GPU wins from batch 26
+    """
+    _call(_cfg(ctx), {"op": "cost", "model": model_id,
+                      "cost": [cpu_ns_per_item, gpu_ns_fixed, gpu_ns_per_item]})
+    click.echo(f"laked: model {model_id} costs pinned")
+
+
+@cost.command("auto")
+@click.argument("model_id", type=click.IntRange(1, 63))
+@click.pass_context
+def cost_auto(ctx: click.Context, model_id: int) -> None:
+    """Use measured costs for MODEL_ID again.
+
+    \b
+    Example:
+      laked cost auto 1
+    """
+    _call(_cfg(ctx), {"op": "cost", "model": model_id, "cost": None})
+    click.echo(f"laked: model {model_id} costs measured")
+
+
+@main.group()
+def features() -> None:
+    """Feature sets kernel code captures through lake."""
+
+
+@features.command("list")
+def features_list() -> None:
+    """Show feature sets, their fields and capture/drop counts.
+
+    \b
+    Example:
+      laked features list
+    """
+    from . import features as feats
+    for f in feats.list_all():
+        fields = ",".join(f"{n}:{t}" for n, t in f.fields)
+        click.echo(f"{f.name:<16} captured {f.captured} dropped {f.dropped} "
+                   f"capacity {f.capacity}/cpu fields {fields}")
+
+
+@features.command("record")
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False, writable=True))
+@click.option("--seconds", type=click.FloatRange(0, 86400), default=5.0, show_default=True)
+def features_record(name: str, file: str, seconds: float) -> None:
+    """Drain NAME's records for SECONDS into FILE (msgpack: feature, fields,
+    records as [ts_ns, cpu, values] in capture order).
+
+    \b
+    Example:
+      laked features record linnos_io io.msgpack --seconds 10
+    """
+    _need_root("laked features record")
+    from . import features as feats
+    try:
+        with open(file, "wb") as out:
+            n = feats.record(name, out, seconds)
+    except FileNotFoundError as e:
+        _fail(str(e))
+        return
+    click.echo(f"laked: {n} records of {name} written to {file}")
 
 
 @main.command()

@@ -12,6 +12,7 @@ DEFAULT_RUN_DIR = Path(os.environ.get("LAKED_RUN_DIR", "/run/lake"))
 class Config:
     run_dir: Path = DEFAULT_RUN_DIR
     interval: float = 0.5        # seconds between map refreshes
+    executor: str = "auto"       # auto, gpu or cpu
 
     @property
     def sock_path(self) -> Path:

@@ -13,6 +13,9 @@ from typing import Any, Callable
 from . import ctl, sysfs
 from .config import DEFAULT_RUN_DIR, Config
 from .genl import Control, ControlError, ModuleNotLoaded
+from .costs import Cost, CostTable
+from .dataplane import DataPlane
+from .executor import ExecutorUnavailable
 from .gpustat import GpuUtil
 from .policy import PolicyError, PolicyManager
 
@@ -23,6 +26,8 @@ class Daemon:
     cfg: Config
     control: Control | None = None
     util: GpuUtil = field(default_factory=GpuUtil)
+    costs: CostTable = field(default_factory=CostTable)
+    dataplane: DataPlane | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.time)
 
@@ -77,13 +82,17 @@ class Daemon:
                 except (ModuleNotLoaded, ControlError, OSError) as e:
                     log.debug("reconnect failed: %s", e)
         self.policy.update_maps({"gpu_util": self.util.read()})
+        self.costs.observe()
+        self.policy.update_costs(self.costs.table())
 
     # -- lifecycle -----------------------------------------------------------
     def run(self, ready: Callable[[str | None], None] | None = None) -> int:
         try:
             self.connect()
+            self._open_dataplane()
             server = ctl.Server(self.cfg.sock_path, self.handle)
-        except (ModuleNotLoaded, ControlError, OSError) as e:
+        except (ModuleNotLoaded, ControlError, OSError, ExecutorUnavailable) as e:
+            self.shutdown()
             if ready:
                 ready(str(e))
             raise
@@ -101,7 +110,16 @@ class Daemon:
             self.shutdown()
         return 0
 
+    def _open_dataplane(self) -> None:
+        try:
+            self.dataplane = DataPlane.open(self.cfg.executor)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot serve /dev/lake: {e.strerror}") from None
+
     def shutdown(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.close()
+            self.dataplane = None
         with self.ctl_lock:
             if self.control is not None:
                 try:
@@ -119,9 +137,11 @@ class Daemon:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "module_connected": self.control is not None,
-            "executor": "cpu",
+            "executor": self.dataplane.executor.name if self.dataplane else None,
+            "dataplane": self.dataplane.info() if self.dataplane else None,
             "policy": self.policy.info(),
             "gpu_util": {"value": self.util.read(), "source": self.util.source},
+            "costs": {str(k): vars(v) for k, v in self.costs.table().items()},
         }
 
     def handle(self, req: dict[str, Any], peer: ctl.Peer) -> dict[str, Any]:
@@ -131,7 +151,7 @@ class Daemon:
         if op == "module_status":
             with self.ctl_lock:
                 return {"ok": True, "module": self._require_control().status()}
-        if op not in ("policy_load", "policy_unload", "util", "stop", "decide"):
+        if op not in ("policy_load", "policy_unload", "util", "stop", "decide", "cost"):
             return {"ok": False, "error": f"unknown request {op!r}"}
         if peer.uid != 0:
             return {"ok": False, "error": f"{op} needs root (you are uid {peer.uid})"}
@@ -156,6 +176,13 @@ class Daemon:
         if op == "policy_unload":
             self.policy.unload()
             log.info("policy detached; lake.ko uses its built-in rule")
+            return {"ok": True}
+        if op == "cost":
+            mid = int(req["model"])
+            c = req.get("cost")
+            self.costs.pin(mid, None if c is None else Cost(*(int(v) for v in c)))
+            self.policy.update_costs(self.costs.table())
+            log.info("model %d costs %s", mid, "measured" if c is None else f"pinned at {c}")
             return {"ok": True}
         if op == "util":
             value = req.get("value")

@@ -48,6 +48,9 @@ _TYPES: dict[str, str] = {
     "POLICY_ID": "u32", "CTX_MODEL": "u32", "CTX_BATCH": "u32",
     "CTX_QUEUE_DEPTH": "u32", "CTX_QUEUE_DELAY_US": "u32",
     "DECISION": "u32", "DECIDED_BY": "u32",
+    "MODEL_NAME": "str", "MODEL_FRAC": "u32", "MODEL_LAYER": "bin",
+    "MODEL_ID": "u32", "MODEL_VERSION": "u32", "INFER_INPUT": "bin",
+    "INFER_OUTPUT": "bin", "INFER_MODE": "u32", "INFER_FALLBACK": "u8",
 }
 _PACK = {"u8": "<B", "u16": "<H", "u32": "<I", "u64": "<Q"}
 
@@ -129,6 +132,14 @@ class Message:
 
 
 @dataclass
+class InferResult:
+    out: bytes
+    target: str
+    by: str
+    fallback: bool
+
+
+@dataclass
 class Decision:
     verdict: int
     decided_by: int
@@ -180,7 +191,10 @@ class Socket:
         replies: list[tuple[int, bytes]] = []
         while True:
             try:
-                data = self.sock.recv(1 << 16)
+                # peek first: an inference reply may be larger than a page
+                size = self.sock.recv_into(bytearray(16), 16,
+                                           socket.MSG_PEEK | socket.MSG_TRUNC)
+                data = self.sock.recv(max(size, 1 << 12))
             except TimeoutError:
                 raise ControlError(errno.ETIMEDOUT, "lake.ko did not answer") from None
             off = 0
@@ -306,3 +320,31 @@ class Control:
             if "DECISION" in m.attrs:
                 return Decision(m.attrs["DECISION"], m.attrs.get("DECIDED_BY", 0))
         raise ControlError(errno.EPROTO, "lake.ko sent no decision")
+
+    def model_push(self, name: str, frac: int, layers: list[bytes]) -> tuple[int, int]:
+        """Create or swap a model's weights; returns (id, version)."""
+        for i, layer in enumerate(layers):
+            if len(layer) + 4 > 0xFFFF:
+                raise ControlError(errno.E2BIG, f"layer {i} is {len(layer)} bytes; a netlink "
+                                   "attribute holds at most 65531")
+        attrs: list[tuple[str, Any]] = [("MODEL_NAME", name), ("MODEL_FRAC", frac)]
+        attrs += [("MODEL_LAYER", layer) for layer in layers]
+        for m in self.request(abi.LAKE_CMD_MODEL_PUSH, attrs):
+            if "MODEL_ID" in m.attrs:
+                return m.attrs["MODEL_ID"], m.attrs["MODEL_VERSION"]
+        raise ControlError(errno.EPROTO, "lake.ko sent no model id")
+
+    def model_del(self, name: str) -> None:
+        self.request(abi.LAKE_CMD_MODEL_DEL, [("MODEL_NAME", name)])
+
+    def infer(self, name: str, batch: int, data: bytes, mode: int = 0) -> InferResult:
+        """Debug path into lake_infer(): @data is batch rows of s32."""
+        replies = self.request(abi.LAKE_CMD_INFER, [
+            ("MODEL_NAME", name), ("CTX_BATCH", batch), ("INFER_INPUT", data),
+            ("INFER_MODE", mode)])
+        for m in replies:
+            if "INFER_OUTPUT" in m.attrs:
+                d = Decision(m.attrs.get("DECISION", 0), m.attrs.get("DECIDED_BY", 0))
+                return InferResult(m.attrs["INFER_OUTPUT"], d.target, d.by,
+                                   bool(m.attrs.get("INFER_FALLBACK", 0)))
+        raise ControlError(errno.EPROTO, "lake.ko sent no output")

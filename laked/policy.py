@@ -153,6 +153,18 @@ class PolicyManager:
                     continue
                 table[table.Key(0)] = table.Leaf(int(value))
 
+    def update_costs(self, costs: dict[int, Any]) -> None:
+        """Fill a cost policy's "costs" map (struct lake_model_cost by id)."""
+        with self.lock:
+            if self.current is None:
+                return
+            try:
+                table = self.current.bpf[b"costs"]
+            except KeyError:
+                return
+            for mid, cost in costs.items():
+                table[table.Key(mid)] = table.Leaf(*cost.leaf())
+
     def info(self) -> dict[str, Any] | None:
         cur = self.current
         if cur is None:

@@ -33,3 +33,20 @@ def stats() -> dict[str, int]:
         key, _, value = line.partition(" ")
         out[key] = int(value)
     return out
+
+
+def models() -> list[dict[str, object]]:
+    """Each model's id, weights line and counters (models/NAME/)."""
+    root = ROOT / "models"
+    if not root.is_dir():
+        return []
+    out: list[dict[str, object]] = []
+    for d in sorted(root.iterdir()):
+        try:
+            stats = {k: int(v) for k, v in (line.split() for line in
+                                            (d / "stats").read_text().splitlines())}
+            out.append({"name": d.name, "id": int((d / "id").read_text()),
+                        "weights": (d / "weights").read_text().strip(), "stats": stats})
+        except (OSError, ValueError):
+            continue  # deleted while we looked
+    return out

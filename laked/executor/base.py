@@ -15,7 +15,10 @@ from abc import ABC
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from .. import abi
+from ..mlp import FixedMLP
 from ..region import Region, RegionError, Sqe
 
 log = logging.getLogger("laked.executor")
@@ -107,6 +110,7 @@ class Executor(ABC):
         self.sessions: dict[int, Session] = {}
         self._handles = itertools.count(1)
         self._handlers: dict[int, Handler] = {}
+        self._models: dict[tuple[int, int], FixedMLP] = {}
         for op, name in OP_NAMES.items():
             fn = getattr(self, f"op_{name}", None)
             if fn is not None:
@@ -164,3 +168,37 @@ class Executor(ABC):
     # Every executor answers these two the same way.
     def op_null(self, sqe: Sqe) -> Completion:
         return OK
+
+    # -- LAKE_OP_INFER: a batch through a fixed-point MLP ---------------------
+    def op_infer(self, sqe: Sqe) -> Completion:
+        mid, version, blob_off, blob_len, batch, n_in, n_out = sqe.args[:7]
+        model = self._model(mid, version, blob_off, blob_len)
+        if model.shape[0] != n_in or model.shape[-1] != n_out or not batch:
+            raise CuError(abi.LAKE_CUDA_ERROR_INVALID_VALUE,
+                          f"model {mid} v{version} is {model.shape}, asked {n_in}->{n_out}")
+        in_len, out_len = 4 * batch * n_in, 4 * batch * n_out
+        if sqe.data_len != in_len + out_len:
+            raise CuError(abi.LAKE_CUDA_ERROR_INVALID_VALUE,
+                          f"payload {sqe.data_len} bytes, batch {batch} needs {in_len + out_len}")
+        data = self.payload(sqe)
+        x = np.frombuffer(data[:in_len], dtype="<i4").reshape(batch, n_in)
+        y = self.run_mlp(mid, version, model, x)
+        data[in_len:] = np.ascontiguousarray(y, dtype="<i4").tobytes()
+        return OK
+
+    def _model(self, mid: int, version: int, off: int, length: int) -> FixedMLP:
+        """The weights from the region blob, parsed once per version."""
+        model = self._models.get((mid, version))
+        if model is None:
+            model = FixedMLP.from_blob(self.region.view(off, length))
+            for key in [k for k in self._models if k[0] == mid]:
+                self.forget_model(key)
+            self._models[(mid, version)] = model
+        return model
+
+    def forget_model(self, key: tuple[int, int]) -> None:
+        self._models.pop(key, None)
+
+    def run_mlp(self, mid: int, version: int, model: FixedMLP, x: np.ndarray) -> np.ndarray:
+        """The reference computation; the GPU executor runs it on the GPU."""
+        return model.run(x)

@@ -3,8 +3,8 @@
 The low-level cu* ops need a GPU, so they get a clear
 CUDA_ERROR_NO_DEVICE (what cuInit says on a machine without one); the
 no-op and session bookkeeping succeed so kernel callers can probe laked
-and close sessions.  The high-level inference ops of the next issue are
-the ones meant to run here.
+and close sessions.  Inference (LAKE_OP_INFER) runs here with numpy, with
+the same bits as the kernel's CPU path.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class CpuExecutor(Executor):
     def __init__(self, region) -> None:  # type: ignore[no-untyped-def]
         super().__init__(region)
         for op, name in OP_NAMES.items():
-            if name not in ("null", "session_close"):
+            if name not in ("null", "session_close", "infer"):
                 self._handlers[op] = self._no_device
 
     def _no_device(self, sqe: Sqe) -> Completion:

@@ -27,12 +27,14 @@ def test_load_unload_cycles(no_module: None) -> None:
     assert "lake: loaded" in dmesg() and "lake: unloaded" in dmesg()
 
 
-def test_sysfs_status_files(module: None) -> None:
+def test_sysfs_status_files(no_laked: None) -> None:
     assert read("daemon") == "disconnected"
     assert read("policy") == "builtin"
     assert read("version") == "1"
     stats = dict(line.split() for line in read("stats").splitlines())
-    assert set(stats) == {"cpu", "gpu", "policy_runs", "errors", "no_daemon"}
+    assert set(stats) == {"cpu", "gpu", "policy_runs", "errors", "no_daemon", "requests",
+                          "timeouts", "sq_full_waits"}
+    assert (SYSFS / "features").is_dir() and (SYSFS / "models").is_dir()
     for name in ("daemon", "policy", "stats", "version"):
         with pytest.raises(PermissionError):
             write(name, "1")
