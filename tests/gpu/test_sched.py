@@ -1,0 +1,148 @@
+"""The arbiter's mechanisms on a real GPU (device machine only)."""
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+
+import numpy as np
+import pytest
+
+try:
+    import torch
+    HAVE = torch.cuda.is_available()
+    WHY = "" if HAVE else "torch sees no CUDA device"
+    from laked.sched.partition import Partitions, check
+except Exception as e:  # noqa: BLE001 - any reason means: skip, and say it
+    HAVE, WHY = False, f"torch/cuda-python unusable here: {e}"
+
+pytestmark = pytest.mark.skipif(not HAVE, reason=f"scheduler tests need an NVIDIA GPU: {WHY}")
+
+SMID_PTX = b"""
+.version 7.0
+.target sm_50
+.address_size 64
+.visible .entry smid(.param .u64 out)
+{
+  .reg .b32 %r<4>;
+  .reg .b64 %rd<5>;
+  .reg .pred %p;
+  ld.param.u64 %rd1, [out];
+  cvta.to.global.u64 %rd2, %rd1;
+  mov.u32 %r1, %ctaid.x;
+  mov.u32 %r2, %smid;
+  mul.wide.u32 %rd3, %r1, 4;
+  add.s64 %rd4, %rd2, %rd3;
+  st.global.u32 [%rd4], %r2;
+  mov.u64 %rd3, %clock64;
+SPIN:
+  mov.u64 %rd4, %clock64;
+  sub.s64 %rd4, %rd4, %rd3;
+  setp.lt.s64 %p, %rd4, 20000;
+  @%p bra SPIN;
+  ret;
+}
+\0"""
+
+
+@pytest.fixture(scope="module")
+def parts() -> "Partitions":
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")       # the primary context exists first
+    return Partitions()
+
+
+def smids(parts: "Partitions", p, blocks: int = 4096) -> set[int]:  # type: ignore[no-untyped-def]
+    cu = parts.cu
+    check(cu.cuCtxSetCurrent(p.ctx), "cuCtxSetCurrent")
+    mod = check(cu.cuModuleLoadData(SMID_PTX), "cuModuleLoadData")
+    fn = check(cu.cuModuleGetFunction(mod, b"smid"), "cuModuleGetFunction")
+    d = int(check(cu.cuMemAlloc(4 * blocks), "cuMemAlloc"))
+    arg = ctypes.c_uint64(d)
+    ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(arg))
+    st = p.stream()
+    check(cu.cuLaunchKernel(fn, blocks, 1, 1, 32, 1, 1, 0, st, ctypes.addressof(ptrs), 0),
+          "cuLaunchKernel")
+    check(cu.cuStreamSynchronize(st), "cuStreamSynchronize")
+    out = np.empty(blocks, np.uint32)
+    check(cu.cuMemcpyDtoH(out.ctypes.data, d, out.nbytes), "cuMemcpyDtoH")
+    cu.cuMemFree(d)
+    cu.cuModuleUnload(mod)
+    return set(out.tolist())
+
+
+def test_partitions_are_disjoint_sets_of_sms(parts: "Partitions") -> None:
+    a = parts.get(0, 3)
+    b = parts.get(3, parts.n_units, True)
+    sa, sb = smids(parts, a), smids(parts, b)
+    assert len(sa) <= a.sms and len(sb) <= b.sms
+    assert len(sa) >= a.sms // 2 and len(sb) >= b.sms // 2      # they did spread
+    assert not sa & sb, sorted(sa & sb)
+    assert len(smids(parts, parts.full())) > len(sb)
+    assert parts.get(0, 3) is a                                  # built once, cached
+
+
+def test_atomized_ops_equal_the_whole_op(parts: "Partitions") -> None:
+    from laked.sched import atoms
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16, generator=g)
+    b = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16, generator=g)
+    whole = a @ b
+    for rows in (4096, 1000, 512, 64):
+        out = torch.empty_like(whole)
+        op = atoms.matmul(a, b, out)
+        while not op.finished:
+            op.next_atom(rows)
+        assert torch.equal(out, whole), rows
+    w = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16, generator=g)
+    ref = torch.relu(a @ w.t())
+    out = torch.empty_like(ref)
+    op = atoms.linear_relu(a, w, out)
+    while not op.finished:
+        op.next_atom(700)
+    assert torch.equal(out, ref)
+    x = torch.randn(10007, device="cuda", generator=g)
+    out = torch.empty_like(x)
+    op = atoms.elementwise(lambda i, o: torch.exp(i, out=o), x, out)
+    while not op.finished:
+        op.next_atom(999)
+    assert torch.equal(out, torch.exp(x))
+
+
+def test_lc_waits_about_one_atom_behind_be(parts: "Partitions") -> None:
+    from laked.sched import atoms
+    from laked.sched.scheduler import Knobs, Scheduler
+    s = Scheduler(parts, lc_quota_sms=24, knobs=Knobs(busy_rows=512, idle_rows=512))
+    lc = s.tenant("lc", "LC", 24)
+    be = s.tenant("be", "BE", parts.total_sms)
+    x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    big_a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    big_b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
+
+    def one_lc() -> None:
+        torch.relu(x @ w)
+
+    # the atom's own duration, alone
+    t = time.perf_counter()
+    op = atoms.matmul(big_a, big_b, out)
+    for _ in range(4):
+        op.next_atom(512)
+    torch.cuda.synchronize()
+    atom_s = (time.perf_counter() - t) / 4
+    alone = sorted(s.run_lc(lc, one_lc) for _ in range(200))[100]
+    stop = threading.Event()
+    th = threading.Thread(target=s.run_be, args=(be, iter(
+        atoms.matmul(big_a, big_b, out) for _ in range(10**6)), stop))
+    th.start()
+    try:
+        time.sleep(0.2)
+        shared = sorted(s.run_lc(lc, one_lc) for _ in range(200))
+    finally:
+        stop.set()
+        th.join()
+    s.drain()
+    assert be.atoms > 10
+    # median wait behind BE: at most about one atom (+ slack for the host)
+    assert shared[100] - alone <= 1.5 * atom_s + 200e-6, (shared[100], alone, atom_s)
