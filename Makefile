@@ -4,7 +4,7 @@
 PY      := .venv/bin/python
 KVER     = $(shell scripts/kver)
 
-.PHONY: all setup module demo test test-host test-vm test-gpu bench-vm clean
+.PHONY: all setup module demo test test-host test-vm test-gpu bench-vm bench-gpu clean
 
 all: module
 
@@ -31,7 +31,12 @@ test-gpu:
 	python3 -m pytest -q tests/gpu
 
 bench-vm: module
-	bash scripts/vm -- .venv/bin/python scripts/bench/vm_roundtrip.py
+	bash scripts/vm -- bash -c '.venv/bin/python scripts/bench/vm_roundtrip.py && \
+		.venv/bin/python scripts/bench/vm_features.py'
+
+# On the device machine (GPU; no module loading there).
+bench-gpu:
+	python3 scripts/bench/dataplane_gpu.py
 
 clean:
 	@$(MAKE) -s -C kmod clean KVER=$(KVER) || true
