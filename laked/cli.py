@@ -217,7 +217,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
       laked status --json | jq .module.stat_gpu
     """
     cfg = _cfg(ctx)
-    out: dict[str, Any] = {"sysfs": sysfs.read_all(), "module": None, "daemon": None}
+    from . import features as feats
+    out: dict[str, Any] = {"sysfs": sysfs.read_all(), "module": None, "daemon": None,
+                           "models": sysfs.models(),
+                           "features": [{"name": f.name, "captured": f.captured,
+                                         "dropped": f.dropped} for f in feats.list_all()]}
     if sysfs.loaded():
         out["module"] = _module_status(cfg)
     try:
@@ -245,6 +249,12 @@ def _print_status(out: dict[str, Any]) -> None:
                 click.echo(f"  {key}: {fs[key]}")
         stats = " ".join(line.replace(" ", "=") for line in fs.get("stats", "").splitlines())
         click.echo(f"  stats:   {stats}")
+    for m in out.get("models", []):
+        st = m["stats"]
+        click.echo(f"  model {m['name']} (id {m['id']}): {m['weights']}; cpu {st['cpu_runs']} "
+                   f"runs, gpu {st['gpu_runs']} runs, fallbacks {st['fallbacks']}")
+    for f in out.get("features", []):
+        click.echo(f"  feature {f['name']}: captured {f['captured']}, dropped {f['dropped']}")
     d = out["daemon"]
     if d is None:
         click.echo("laked:     not running")

@@ -34,6 +34,12 @@ class Doorbell(Protocol):
     def completions_posted(self) -> None:
         """Tell the consumer of the completion ring that it has work."""
 
+    def watch(self, fd: int) -> None:
+        """Also wake up when ``fd`` is readable (the executor's completions).
+
+        The doorbell never reads ``fd``: its owner resets it.
+        """
+
     def close(self) -> None:
         """Release what the doorbell owns (never fds it was given)."""
 
@@ -51,6 +57,7 @@ class DevLakeDoorbell:
         self.fd = fd
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
+        self._watched: list[int] = []
         self.kicks = 0
 
     def wait_for_submissions(self, timeout: float | None) -> bool:
@@ -58,10 +65,14 @@ class DevLakeDoorbell:
             events = self._poll.poll(_poll_ms(timeout))
         except InterruptedError:
             return False
-        for _fd, ev in events:
-            if ev & (select.POLLERR | select.POLLNVAL):
+        for fd, ev in events:
+            if fd == self.fd and ev & (select.POLLERR | select.POLLNVAL):
                 raise OSError(errno.EBADF, "/dev/lake reported an error while polling")
         return bool(events)
+
+    def watch(self, fd: int) -> None:
+        self._poll.register(fd, select.POLLIN)
+        self._watched.append(fd)
 
     def completions_posted(self) -> None:
         # The kernel drains the whole CQ inside this ioctl.
@@ -70,6 +81,9 @@ class DevLakeDoorbell:
 
     def close(self) -> None:
         self._poll.unregister(self.fd)
+        for fd in self._watched:
+            self._poll.unregister(fd)
+        self._watched.clear()
 
 
 class EventfdDoorbell:
@@ -82,6 +96,7 @@ class EventfdDoorbell:
         self._poll.register(sq_efd, select.POLLIN)
         # Non-blocking reads: a ring seen by poll() must not block on read.
         os.set_blocking(sq_efd, False)
+        self._watched: list[int] = []
         self.kicks = 0
 
     def wait_for_submissions(self, timeout: float | None) -> bool:
@@ -89,17 +104,28 @@ class EventfdDoorbell:
             events = self._poll.poll(_poll_ms(timeout))
         except InterruptedError:
             return False
-        if not events:
-            return False
-        try:
-            os.eventfd_read(self.sq_efd)
-        except BlockingIOError:
-            return False
-        return True
+        woke = False
+        for fd, _ev in events:
+            if fd != self.sq_efd:
+                woke = True         # a watched fd: its owner resets it
+                continue
+            try:
+                os.eventfd_read(self.sq_efd)
+                woke = True
+            except BlockingIOError:
+                pass
+        return woke
 
     def completions_posted(self) -> None:
         os.eventfd_write(self.cq_efd, 1)
         self.kicks += 1
 
+    def watch(self, fd: int) -> None:
+        self._poll.register(fd, select.POLLIN)
+        self._watched.append(fd)
+
     def close(self) -> None:
         self._poll.unregister(self.sq_efd)
+        for fd in self._watched:
+            self._poll.unregister(fd)
+        self._watched.clear()

@@ -58,7 +58,13 @@ def load(name: str, root: Path = ROOT) -> Feature:
 def list_all(root: Path = ROOT) -> list[Feature]:
     if not root.is_dir():
         return []
-    return [load(p.name, root) for p in sorted(root.iterdir()) if p.is_dir()]
+    out = []
+    for p in sorted(root.iterdir()):
+        try:
+            out.append(load(p.name, root))
+        except (OSError, ValueError, KeyError):
+            continue    # unregistered while we looked
+    return out
 
 
 def _signed(v: int, bits: int) -> int:

@@ -90,12 +90,18 @@ class Sqe:
         return cls(t[0], t[1], t[2], t[3], t[4:14], t[14], t[15])
 
     def pack_into(self, buf: memoryview, off: int) -> None:
-        args = tuple(self.args) + (0,) * (abi.LAKE_SQE_ARGS - len(self.args))
+        args = self.args
         if len(args) != abi.LAKE_SQE_ARGS:
-            raise ValueError(f"an sqe has {abi.LAKE_SQE_ARGS} args, got {len(self.args)}")
-        _SQE.pack_into(buf, off, self.id & U64, self.op & U32, self.session & U32,
-                       self.flags & U32, *(a & U64 for a in args),
-                       self.data_off & U64, self.data_len & U64)
+            if len(args) > abi.LAKE_SQE_ARGS:
+                raise ValueError(f"an sqe has {abi.LAKE_SQE_ARGS} args, got {len(args)}")
+            args = tuple(args) + (0,) * (abi.LAKE_SQE_ARGS - len(args))
+        try:    # the common case: every field already in range (no masking: hot path)
+            _SQE.pack_into(buf, off, self.id, self.op, self.session, self.flags, *args,
+                           self.data_off, self.data_len)
+        except struct.error:    # negative or oversized values wrap, as in C
+            _SQE.pack_into(buf, off, self.id & U64, self.op & U32, self.session & U32,
+                           self.flags & U32, *(a & U64 for a in args),
+                           self.data_off & U64, self.data_len & U64)
 
 
 @dataclass(slots=True)
@@ -215,6 +221,9 @@ class Region:
         self.size = lay.size
         self.heap_off = lay.heap_off
         self.heap_end = lay.heap_off + lay.heap_size
+        # 32-bit words of the header and rings: index loads and stores are
+        # the hot path, and a word view is cheaper than struct (aligned: checked)
+        self._w = self.mv[: lay.size & ~3].cast("I")
         self._sq_head_at = lay.sq_ring_off
         self._sq_tail_at = lay.sq_ring_off + _RING_TAIL_OFF
         self._cq_head_at = lay.cq_ring_off
@@ -232,10 +241,10 @@ class Region:
 
     # -- plumbing -------------------------------------------------------------
     def _load(self, off: int) -> int:
-        return _U32.unpack_from(self.mv, off)[0]
+        return self._w[off >> 2]
 
     def _store(self, off: int, value: int) -> None:
-        _U32.pack_into(self.mv, off, value & U32)
+        self._w[off >> 2] = value & U32
 
     @property
     def address(self) -> int:
@@ -248,6 +257,7 @@ class Region:
         """Drop our exports of the buffer so the caller can close the mmap."""
         self._keeper = None
         self._addr = None
+        self._w.release()
         self.mv.release()
 
     @property

@@ -28,6 +28,9 @@ class ServerStats:
     errors: int = 0
     bad_requests: int = 0
     ring_errors: int = 0
+    batches: int = 0            # rounds that found submissions
+    max_batch: int = 0
+    internal_errors: int = 0    # bugs caught by the loop (each logged)
     by_op: dict[str, int] = field(default_factory=dict)
 
 
@@ -42,6 +45,8 @@ class Server:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: list[Cqe] = []
+        if executor.wake_fd is not None:     # completions finished on other threads
+            doorbell.watch(executor.wake_fd)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="laked-server", daemon=True)
@@ -62,18 +67,32 @@ class Server:
             except OSError as e:
                 log.error("data plane stopped: %s", e)
                 return
+            except Exception:  # noqa: BLE001 - a bug must not leave kernel callers hanging
+                self.stats.internal_errors += 1
+                log.exception("data plane round failed; going on")
+                self._stop.wait(0.01)
+
+    def _idle_timeout(self) -> float:
+        if self._pending:
+            return 0.001        # the kernel is draining the CQ: retry soon
+        if self.executor.deferred():
+            # The executor's wake fd says when; the timeout is a safety net.
+            return 0.001 if self.executor.wake_fd is None else 0.05
+        return 0.2
 
     def step(self) -> int:
         """One round: wait, execute what is there, post; returns requests done."""
-        busy = bool(self._pending) or self.executor.deferred() > 0
         if not self.region.sq_pending():
-            self.doorbell.wait_for_submissions(0.001 if busy else 0.2)
+            self.doorbell.wait_for_submissions(self._idle_timeout())
         try:
             sqes = self.region.take_submissions(self.batch)
         except RegionError as e:
             self.stats.ring_errors += 1
             log.warning("submission ring: %s", e)
             sqes = []
+        if sqes:
+            self.stats.batches += 1
+            self.stats.max_batch = max(self.stats.max_batch, len(sqes))
         for sqe in sqes:
             self._execute(sqe)
         for rid, (res, r0, r1) in self.executor.reap():
@@ -91,11 +110,13 @@ class Server:
                         sqe.data_off, sqe.data_len)
             self._complete(Cqe(sqe.id, abi.LAKE_CUDA_ERROR_INVALID_VALUE))
             return
-        t0 = time.perf_counter()
-        res = self.executor.execute(sqe)
         if log.isEnabledFor(logging.DEBUG):
+            t0 = time.perf_counter()
+            res = self.executor.execute(sqe)
             log.debug("%s %d session %d -> %s in %.1f us", name, sqe.id, sqe.session,
                       "deferred" if res is None else res[0], (time.perf_counter() - t0) * 1e6)
+        else:
+            res = self.executor.execute(sqe)
         if res is not None:
             self._complete(Cqe(sqe.id, *res))
 
@@ -117,4 +138,7 @@ class Server:
         s = self.stats
         return {"requests": s.requests, "completions": s.completions, "errors": s.errors,
                 "bad_requests": s.bad_requests, "ring_errors": s.ring_errors,
-                "waiting_completions": len(self._pending), "by_op": dict(s.by_op)}
+                "batches": s.batches, "max_batch": s.max_batch,
+                "internal_errors": s.internal_errors,
+                "waiting_completions": len(self._pending),
+                "deferred": self.executor.deferred(), "by_op": dict(s.by_op)}

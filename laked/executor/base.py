@@ -103,6 +103,9 @@ class Executor(ABC):
     """Dispatches ops to ``op_<name>`` methods; subclasses fill them in."""
 
     name = "base"
+    # An fd the server polls beside the doorbell: readable when ``reap``
+    # has completions (executors that finish work on other threads).
+    wake_fd: int | None = None
 
     def __init__(self, region: Region) -> None:
         self.region = region
@@ -143,7 +146,8 @@ class Executor(ABC):
 
     def info(self) -> dict[str, Any]:
         return {"executor": self.name, "registered": self.registered,
-                "sessions": len(self.sessions)}
+                "sessions": len(self.sessions),
+                "device_bytes": sum(s.device_bytes for s in self.sessions.values())}
 
     def close(self) -> None:
         """Free every session's objects and what the executor holds."""

@@ -1,21 +1,39 @@
 """The GPU executor: lake_sqe ops carried out with CUDA's driver API.
 
-cuda-python (``cuda.bindings.driver``, or the older ``cuda.cuda``) and the
-device's primary context.  The whole region is registered with
+cuda-python (``cuda.bindings.driver``, or the older ``cuda.cuda``) on the
+device's primary context, shared by every session (one process owns all
+launches, so no MPS).  The whole region is registered with
 cuMemHostRegister(DEVICEMAP) once, so copies from and to region buffers are
-DMA-direct; if registration fails the executor stages copies through
-pageable memory and says so in ``info()``.  Async copies complete when an
-event recorded after them fires (the kernel frees staged payloads on
-completion); launches complete once queued, their errors surface at the
-next synchronize, as CUDA's do.  INFER runs the fixed-point MLP with a
-kernel compiled once by NVRTC, bit-identical to the CPU reference.
+DMA-direct; if registration fails (or is turned off) copies go from the
+pageable mapping and the driver stages them, and ``info()`` says why.
+
+The server thread never waits for the GPU on behalf of one stream:
+
+- async copies, stream and context synchronisation, and sync copies larger
+  than ``INLINE_COPY_MAX`` record an event and complete when it fires; one
+  waiter thread per CUDA stream blocks in cuEventSynchronize (the GIL is
+  released there) and rings ``wake_fd`` so the server reaps at once.
+  Events of one stream fire in order, so completions of one stream come
+  back in submission order and a sync's completion follows those of the
+  copies before it;
+- launches complete once queued (as cuLaunchKernel returns); their faults
+  surface at the next synchronisation, as in CUDA.
+
+A fault that poisons a CUDA context (illegal address, launch failure, ...)
+is answered to every request it touches; laked then resets the primary
+context, registers the region again and goes on: the sessions alive at the
+fault lose their objects and get that CUresult until they close, new
+sessions work as before.  INFER runs the fixed-point MLP with a kernel
+compiled once by NVRTC, bit-identical to the CPU reference.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
+import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,9 +41,16 @@ import numpy as np
 from .. import abi
 from ..mlp import FixedMLP
 from ..region import Region, Sqe, parse_launch_params
-from .base import OK, Completion, CuError, Executor, ExecutorUnavailable
+from .base import OK, Completion, CuError, Executor, ExecutorUnavailable, Session
 
 log = logging.getLogger("laked.executor.gpu")
+
+# Sync copies up to this size run on the server thread (a hop through a
+# waiter costs more than the copy); larger ones are deferred like async ones.
+INLINE_COPY_MAX = 1 << 20
+
+# CUresults after which the context is unusable until reset (CUDA's "sticky" errors).
+STICKY = frozenset({700, 702, 710, 714, 715, 716, 717, 718, 719})
 
 
 def _import_cuda() -> tuple[Any, Any]:
@@ -74,6 +99,49 @@ class _DevModel:
     bufs: list[tuple[int, int]]                 # (dptr, bytes) for the batch, grown on demand
 
 
+@dataclass
+class _Pending:
+    """A deferred completion: done when all of its ``left`` events fired."""
+
+    rid: int
+    left: int
+    result: int = 0
+    ret0: int = 0
+
+
+@dataclass
+class GpuStats:
+    deferred: int = 0           # requests completed through a waiter
+    inline_syncs: int = 0       # stream/ctx syncs answered at once (already idle)
+    staged_copies: int = 0      # copies from/to an unregistered region
+    context_resets: int = 0
+    last_fault: int = 0
+    by_stream_waiters: int = 0  # waiter threads started
+    faults: list[str] = field(default_factory=list)
+
+
+class _Waiter:
+    """Completes the events of one CUDA stream, in order, off the server thread."""
+
+    def __init__(self, ex: "GpuExecutor", key: int) -> None:
+        self.ex = ex
+        self.q: queue.SimpleQueue[tuple[_Pending, Any] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"laked-gpu-wait-{key:x}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        cu = self.ex.cu
+        self.ex._make_current()  # noqa: SLF001 - our own executor
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            pend, ev = item
+            err, = cu.cuEventSynchronize(ev)   # releases the GIL while it waits
+            self.ex._event_done(pend, ev, int(err))  # noqa: SLF001
+
+
 class GpuExecutor(Executor):
     name = "gpu"
 
@@ -82,20 +150,35 @@ class GpuExecutor(Executor):
         self.cu, self.nvrtc = _import_cuda()
         self.device_ordinal = device
         self.register_error = ""
-        self._ctx_lock = threading.Lock()
-        self._current: set[int] = set()
-        self._deferred: list[tuple[int, Any]] = []
+        self.gstats = GpuStats()
+        self._tls = threading.local()
+        self._gen = 0                       # bumped by every context reset
+        self._lock = threading.Lock()       # guards _done, _outstanding, _fault
+        self._done: list[tuple[int, Completion]] = []
+        self._outstanding = 0
+        self._fault = 0                     # sticky CUresult seen, not yet recovered
+        self._waiters: dict[int, _Waiter] = {}
+        self._events: list[Any] = []        # free events, reused
         self._mlp_fn: Any = None
+        self._mlp_mod: Any = None
         self._dev_models: dict[tuple[int, int], _DevModel] = {}
-        self._check(self.cu.cuInit(0), "cuInit", unavailable=True)
-        self.dev = self._check(self.cu.cuDeviceGet(device), "cuDeviceGet", unavailable=True)
-        name = self._check(self.cu.cuDeviceGetName(128, self.dev), "cuDeviceGetName")
+        self._want_register = register
+        try:
+            self._check(self.cu.cuInit(0), "cuInit", unavailable=True)
+            self.dev = self._check(self.cu.cuDeviceGet(device), "cuDeviceGet", unavailable=True)
+            name = self._check(self.cu.cuDeviceGetName(128, self.dev), "cuDeviceGetName",
+                               unavailable=True)
+            self.ctx = self._check(self.cu.cuDevicePrimaryCtxRetain(self.dev),
+                                   "cuDevicePrimaryCtxRetain", unavailable=True)
+        except ExecutorUnavailable:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. no libcuda.so: cuda-python raises its own
+            raise ExecutorUnavailable(f"CUDA driver unusable: {e}") from None
         self.device_name = bytes(name).split(b"\0", 1)[0].decode()
-        self.ctx = self._check(self.cu.cuDevicePrimaryCtxRetain(self.dev),
-                               "cuDevicePrimaryCtxRetain", unavailable=True)
         self._make_current()
-        if register:
-            self._register()
+        # Waiters ring this; the server polls it beside the doorbell.
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._register()
 
     # -- CUDA plumbing ------------------------------------------------------------
     def _check(self, ret: Any, what: str, unavailable: bool = False) -> Any:
@@ -104,65 +187,173 @@ class GpuExecutor(Executor):
         if code != 0:
             if unavailable:
                 raise ExecutorUnavailable(f"{what} failed with CUresult {code}")
+            if code in STICKY:
+                self._note_fault(code, what)
             raise CuError(code, f"{what} failed with CUresult {code}")
         if not vals:
             return None
         return vals[0] if len(vals) == 1 else tuple(vals)
 
     def _make_current(self) -> None:
-        tid = threading.get_ident()
-        if tid not in self._current:
+        if getattr(self._tls, "gen", -1) != self._gen:
             self._check(self.cu.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
-            self._current.add(tid)
+            self._tls.gen = self._gen
 
     def _register(self) -> None:
+        self.registered = False
+        if not self._want_register:
+            self.register_error = "registration turned off; the driver stages every copy"
+            log.warning("region not registered (turned off): copies are staged")
+            return
         flags = (self.cu.CU_MEMHOSTREGISTER_DEVICEMAP
                  if hasattr(self.cu, "CU_MEMHOSTREGISTER_DEVICEMAP")
                  else self.cu.CUmemhostregister_flags.CU_MEMHOSTREGISTER_DEVICEMAP)
         err, = self.cu.cuMemHostRegister(self.region.address, self.region.size, int(flags))
         if int(err) == 0:
             self.registered = True
+            self.register_error = ""
             log.info("region registered with CUDA (%d MiB, device-mapped)",
                      self.region.size >> 20)
         else:
-            self.register_error = f"cuMemHostRegister failed with CUresult {int(err)}"
-            log.warning("%s: copies will be staged", self.register_error)
+            self.register_error = (f"cuMemHostRegister failed with CUresult {int(err)}; "
+                                   "the driver stages every copy")
+            log.warning("region not registered: %s", self.register_error)
 
     def info(self) -> dict[str, Any]:
         out = super().info()
+        g = self.gstats
         out.update(device=self.device_name, register_error=self.register_error or None,
-                   deferred=len(self._deferred))
+                   copies="zero-copy (registered)" if self.registered else "staged",
+                   deferred_now=self.deferred(), deferred_total=g.deferred,
+                   inline_syncs=g.inline_syncs, staged_copies=g.staged_copies,
+                   stream_waiters=len(self._waiters), context_resets=g.context_resets,
+                   last_fault=g.last_fault or None)
         return out
 
+    # -- the server's interface -----------------------------------------------------
     def execute(self, sqe: Sqe) -> Completion | None:
+        if self._fault:
+            self._recover()
         self._make_current()
+        s = self.sessions.get(sqe.session)
+        if s is not None and s.lost and sqe.op not in (abi.LAKE_OP_NULL,
+                                                       abi.LAKE_OP_SESSION_CLOSE):
+            return (s.lost, 0, 0)    # its objects died with the context
         return super().execute(sqe)
 
-    # -- deferred completions -------------------------------------------------------
-    def _defer(self, sqe: Sqe, stream: Any) -> None:
-        ev = self._check(self.cu.cuEventCreate(
-            int(self.cu.CUevent_flags.CU_EVENT_DISABLE_TIMING)), "cuEventCreate")
-        self._check(self.cu.cuEventRecord(ev, stream), "cuEventRecord")
-        self._deferred.append((sqe.id, ev))
-
     def reap(self) -> list[tuple[int, Completion]]:
-        if not self._deferred:
-            return []
-        self._make_current()
-        done, keep = [], []
-        not_ready = int(self.cu.CUresult.CUDA_ERROR_NOT_READY)
-        for rid, ev in self._deferred:
-            err, = self.cu.cuEventQuery(ev)
-            if int(err) == not_ready:
-                keep.append((rid, ev))
-                continue
-            self.cu.cuEventDestroy(ev)
-            done.append((rid, (int(err), 0, 0)))
-        self._deferred = keep
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass
+        with self._lock:
+            done, self._done = self._done, []
+        if self._fault and not self._outstanding:
+            self._recover()
         return done
 
     def deferred(self) -> int:
-        return len(self._deferred)
+        return self._outstanding
+
+    # -- deferred completions -------------------------------------------------------
+    def _event(self) -> Any:
+        try:
+            return self._events.pop()
+        except IndexError:
+            return self._check(self.cu.cuEventCreate(
+                int(self.cu.CUevent_flags.CU_EVENT_DISABLE_TIMING)), "cuEventCreate")
+
+    def _waiter(self, stream: Any) -> _Waiter:
+        key = int(stream)
+        w = self._waiters.get(key)
+        if w is None:
+            w = self._waiters[key] = _Waiter(self, key)
+            self.gstats.by_stream_waiters += 1
+        return w
+
+    def _defer(self, rid: int, streams: list[Any], ret0: int = 0) -> None:
+        """Complete ``rid`` once everything queued so far on ``streams`` is done."""
+        pend = _Pending(rid, len(streams), ret0=ret0)
+        recorded = []
+        try:
+            for st in streams:
+                ev = self._event()
+                self._check(self.cu.cuEventRecord(ev, st), "cuEventRecord")
+                recorded.append((st, ev))
+        except CuError:
+            for _st, ev in recorded:   # nothing handed to a waiter yet: undo
+                self._events.append(ev)
+            raise
+        with self._lock:
+            self._outstanding += 1
+        self.gstats.deferred += 1
+        for st, ev in recorded:
+            self._waiter(st).q.put((pend, ev))
+
+    def _event_done(self, pend: _Pending, ev: Any, err: int) -> None:
+        """On a waiter thread: one event of ``pend`` fired (or failed)."""
+        if err in STICKY:
+            self._note_fault(err, "cuEventSynchronize")
+            self.cu.cuEventDestroy(ev)   # the context is going away: do not reuse
+        else:
+            self._events.append(ev)
+        with self._lock:
+            if err and not pend.result:
+                pend.result = err
+            pend.left -= 1
+            if pend.left:
+                return
+            self._outstanding -= 1
+            self._done.append((pend.rid, (pend.result, pend.ret0 if not pend.result else 0, 0)))
+        os.eventfd_write(self.wake_fd, 1)
+
+    def _note_fault(self, code: int, what: str) -> None:
+        with self._lock:
+            if not self._fault:
+                self._fault = code
+                self.gstats.last_fault = code
+                self.gstats.faults.append(f"{what}: CUresult {code}")
+                del self.gstats.faults[:-8]
+        log.error("GPU fault %d (%s): the CUDA context must be reset", code, what)
+
+    def _stop_waiters(self) -> None:
+        for w in self._waiters.values():
+            w.q.put(None)
+        for w in self._waiters.values():
+            w.thread.join(10)
+        self._waiters.clear()
+
+    def _recover(self) -> None:
+        """Reset the poisoned context once every waiter has seen the fault."""
+        if self._outstanding:
+            return      # waiters still hold events of the old context; reap retries
+        code = self._fault
+        log.error("resetting the CUDA context after fault %d; %d session(s) lose their "
+                  "objects", code, len(self.sessions))
+        self._stop_waiters()
+        for s in self.sessions.values():
+            s.lost = s.lost or code
+            s.objects.clear()
+            s.contexts.clear()
+            s.alloc_sizes.clear()
+            s.alloc_bases.clear()
+        self._events.clear()
+        self._mlp_fn = self._mlp_mod = None
+        self._dev_models.clear()
+        self._models.clear()
+        if self.registered:
+            self.cu.cuMemHostUnregister(self.region.address)
+            self.registered = False
+        self.cu.cuDevicePrimaryCtxReset(self.dev)
+        self.cu.cuDevicePrimaryCtxRelease(self.dev)
+        self.ctx = self._check(self.cu.cuDevicePrimaryCtxRetain(self.dev),
+                               "cuDevicePrimaryCtxRetain")
+        self._gen += 1
+        self._make_current()
+        self._register()
+        self.gstats.context_resets += 1
+        with self._lock:
+            self._fault = 0
 
     # -- helpers ------------------------------------------------------------------------
     def _stream(self, sqe: Sqe, handle: int) -> Any:
@@ -175,9 +366,60 @@ class GpuExecutor(Executor):
         return self.region.ptr(off)
 
     def _owned(self, sqe: Sqe, dptr: int, n: int) -> None:
-        if not self.session(sqe.session).owns_range(dptr, n):
+        if n == 0 or not self.session(sqe.session).owns_range(dptr, n):
             raise CuError(abi.LAKE_CUDA_ERROR_INVALID_VALUE,
                           f"[{dptr:#x}, +{n}) is not memory session {sqe.session} allocated")
+
+    def _copy(self, sqe: Sqe, htod: bool, dptr: int, off: int, n: int,
+              stream_h: int) -> Completion | None:
+        self._owned(sqe, dptr, n)
+        host = self._host_ptr(off, n)
+        stream = self._stream(sqe, stream_h)
+        what = "cuMemcpyHtoD" if htod else "cuMemcpyDtoH"
+        if not self.registered:
+            # Pageable source or destination: the driver stages it and the
+            # call returns when the host side is done with (the kernel may
+            # free a staged payload as soon as it has the completion).
+            self.gstats.staged_copies += 1
+            if htod:
+                self._check(self.cu.cuMemcpyHtoD(dptr, host, n), what)
+            else:
+                self._check(self.cu.cuMemcpyDtoH(host, dptr, n), what)
+            return OK
+        is_async = bool(sqe.flags & abi.LAKE_SQE_F_ASYNC)
+        if not is_async and n <= INLINE_COPY_MAX:
+            if htod:
+                self._check(self.cu.cuMemcpyHtoD(dptr, host, n), what)
+            else:
+                self._check(self.cu.cuMemcpyDtoH(host, dptr, n), what)
+            return OK
+        # Async, or a large sync copy: queue it (on the legacy stream for a
+        # sync one, which orders it with all blocking streams, like cuMemcpy)
+        if htod:
+            self._check(self.cu.cuMemcpyHtoDAsync(dptr, host, n, stream), what + "Async")
+        else:
+            self._check(self.cu.cuMemcpyDtoHAsync(host, dptr, n, stream), what + "Async")
+        self._defer(sqe.id, [stream])
+        return None
+
+    def _sync(self, sqe: Sqe, streams: list[Any]) -> Completion | None:
+        """Complete at once if ``streams`` are idle, else when they drain."""
+        not_ready = int(self.cu.CUresult.CUDA_ERROR_NOT_READY)
+        busy = []
+        for st in streams:
+            err, = self.cu.cuStreamQuery(st)
+            code = int(err)
+            if code == not_ready:
+                busy.append(st)
+            elif code:
+                if code in STICKY:
+                    self._note_fault(code, "cuStreamQuery")
+                return (code, 0, 0)
+        if not busy:
+            self.gstats.inline_syncs += 1
+            return OK
+        self._defer(sqe.id, busy)
+        return None
 
     # -- ops ----------------------------------------------------------------------------
     def op_init(self, sqe: Sqe) -> Completion:
@@ -186,11 +428,13 @@ class GpuExecutor(Executor):
 
     def op_device_get(self, sqe: Sqe) -> Completion:
         count = self._check(self.cu.cuDeviceGetCount(), "cuDeviceGetCount")
-        if not 0 <= sqe.args[0] < count:
-            return (abi.LAKE_CUDA_ERROR_INVALID_DEVICE, 0, 0)
+        if sqe.args[0] != self.device_ordinal or not 0 <= sqe.args[0] < count:
+            return (abi.LAKE_CUDA_ERROR_INVALID_DEVICE, 0, 0)   # laked serves one device
         return (0, sqe.args[0], 0)
 
     def op_ctx_create(self, sqe: Sqe) -> Completion:
+        if sqe.args[1] != self.device_ordinal:
+            return (abi.LAKE_CUDA_ERROR_INVALID_DEVICE, 0, 0)
         s = self.session(sqe.session)
         h = self.new_handle()
         s.objects[h] = ("ctx", self.ctx)     # every session shares the primary context
@@ -204,14 +448,16 @@ class GpuExecutor(Executor):
         s.contexts.discard(sqe.args[0])
         return OK
 
-    def op_ctx_sync(self, sqe: Sqe) -> Completion:
-        self._check(self.cu.cuCtxSynchronize(), "cuCtxSynchronize")
-        return OK
+    def op_ctx_sync(self, sqe: Sqe) -> Completion | None:
+        # The legacy stream orders after every blocking stream; the
+        # session's own streams cover those created non-blocking.
+        s = self.session(sqe.session)
+        return self._sync(sqe, [self.cu.CUstream(0)] + [st for _h, st in s.of_kind("stream")])
 
     def op_module_load(self, sqe: Sqe) -> Completion:
         image = bytes(self.payload(sqe))
         if not image.endswith(b"\0"):
-            image += b"\0"      # PTX is text: CUDA wants it terminated
+            image += b"\0"      # PTX is text: CUDA wants it terminated (harmless for cubin)
         mod = self._check(self.cu.cuModuleLoadData(image), "cuModuleLoadData")
         h = self.new_handle()
         self.session(sqe.session).objects[h] = ("module", mod)
@@ -241,51 +487,30 @@ class GpuExecutor(Executor):
 
     def op_mem_free(self, sqe: Sqe) -> Completion:
         s = self.session(sqe.session)
-        if not s.remove_alloc(sqe.args[0]):
+        if sqe.args[0] not in s.alloc_sizes:
             return (abi.LAKE_CUDA_ERROR_INVALID_VALUE, 0, 0)
         self._check(self.cu.cuMemFree(sqe.args[0]), "cuMemFree")
+        s.remove_alloc(sqe.args[0])
         return OK
 
     def op_memcpy_htod(self, sqe: Sqe) -> Completion | None:
         dptr, off, n, stream_h = sqe.args[:4]
-        self._owned(sqe, dptr, n)
-        host = self._host_ptr(off, n)
-        stream = self._stream(sqe, stream_h)
-        if not self.registered:
-            staged = np.frombuffer(self.region.read(off, n), np.uint8)
-            self._check(self.cu.cuMemcpyHtoD(dptr, staged.ctypes.data, n), "cuMemcpyHtoD")
-            return OK
-        if sqe.flags & abi.LAKE_SQE_F_ASYNC:
-            self._check(self.cu.cuMemcpyHtoDAsync(dptr, host, n, stream), "cuMemcpyHtoDAsync")
-            self._defer(sqe, stream)
-            return None
-        self._check(self.cu.cuMemcpyHtoD(dptr, host, n), "cuMemcpyHtoD")
-        return OK
+        return self._copy(sqe, True, dptr, off, n, stream_h)
 
     def op_memcpy_dtoh(self, sqe: Sqe) -> Completion | None:
         off, dptr, n, stream_h = sqe.args[:4]
-        self._owned(sqe, dptr, n)
-        host = self._host_ptr(off, n)
-        stream = self._stream(sqe, stream_h)
-        if not self.registered:
-            staged = np.empty(n, np.uint8)
-            self._check(self.cu.cuMemcpyDtoH(staged.ctypes.data, dptr, n), "cuMemcpyDtoH")
-            self.region.write(off, staged.tobytes())
-            return OK
-        if sqe.flags & abi.LAKE_SQE_F_ASYNC:
-            self._check(self.cu.cuMemcpyDtoHAsync(host, dptr, n, stream), "cuMemcpyDtoHAsync")
-            self._defer(sqe, stream)
-            return None
-        self._check(self.cu.cuMemcpyDtoH(host, dptr, n), "cuMemcpyDtoH")
-        return OK
+        return self._copy(sqe, False, dptr, off, n, stream_h)
 
     def op_launch(self, sqe: Sqe) -> Completion:
         a = sqe.args
         fn = self.session(sqe.session).get(a[0], "function")
-        data = self.payload(sqe)
-        params = parse_launch_params(data)
-        bufs = [ctypes.create_string_buffer(bytes(data[o:o + n]), n) for o, n in params]
-        ptrs = (ctypes.c_void_p * max(1, len(bufs)))(*[ctypes.addressof(b) for b in bufs])
+        if any(not 0 <= v <= 0xFFFFFFFF for v in a[1:8]):
+            raise CuError(abi.LAKE_CUDA_ERROR_INVALID_VALUE, f"launch dimensions {a[1:8]}")
+        # kernelParams point straight at the values in the payload: the
+        # driver copies them before cuLaunchKernel returns.
+        params = parse_launch_params(self.payload(sqe), base=sqe.data_off)
+        base = self.region.address
+        ptrs = (ctypes.c_void_p * max(1, len(params)))(*[base + o for o, _n in params])
         stream = self._stream(sqe, a[8])
         self._check(self.cu.cuLaunchKernel(fn, a[1], a[2], a[3], a[4], a[5], a[6], a[7],
                                            stream, ctypes.addressof(ptrs), 0),
@@ -300,15 +525,19 @@ class GpuExecutor(Executor):
 
     def op_stream_destroy(self, sqe: Sqe) -> Completion:
         s = self.session(sqe.session)
-        self._check(self.cu.cuStreamDestroy(s.get(sqe.args[0], "stream")), "cuStreamDestroy")
+        st = s.get(sqe.args[0], "stream")
+        # CUDA destroys it once its work is done; its waiter drains, then ends.
+        self._check(self.cu.cuStreamDestroy(st), "cuStreamDestroy")
         del s.objects[sqe.args[0]]
+        w = self._waiters.pop(int(st), None)
+        if w is not None:
+            w.q.put(None)
         return OK
 
-    def op_stream_sync(self, sqe: Sqe) -> Completion:
+    def op_stream_sync(self, sqe: Sqe) -> Completion | None:
         stream = (self.session(sqe.session).get(sqe.args[0], "stream") if sqe.args[0]
                   else self.cu.CUstream(0))
-        self._check(self.cu.cuStreamSynchronize(stream), "cuStreamSynchronize")
-        return OK
+        return self._sync(sqe, [stream])
 
     def op_session_close(self, sqe: Sqe) -> Completion:
         s = self.sessions.pop(sqe.session, None)
@@ -316,30 +545,43 @@ class GpuExecutor(Executor):
             self._free_session(s)
         return OK
 
-    def _free_session(self, s: Any) -> None:
-        self.cu.cuCtxSynchronize()   # nothing of theirs may still run
+    def _free_session(self, s: Session) -> None:
+        streams = [st for _h, st in s.of_kind("stream")]
+        for st in streams:
+            self.cu.cuStreamSynchronize(st)     # nothing of theirs may still run
+        if s.alloc_sizes:
+            self.cu.cuStreamSynchronize(self.cu.CUstream(0))
         for dptr in list(s.alloc_sizes):
             self.cu.cuMemFree(dptr)
-        for _h, (kind, obj) in list(s.objects.items()):
-            if kind == "stream":
-                self.cu.cuStreamDestroy(obj)
-            elif kind == "module":
-                self.cu.cuModuleUnload(obj)
+        for st in streams:
+            self.cu.cuStreamDestroy(st)
+            w = self._waiters.pop(int(st), None)
+            if w is not None:
+                w.q.put(None)
+        for _h, mod in s.of_kind("module"):
+            self.cu.cuModuleUnload(mod)
         s.objects.clear()
         s.alloc_sizes.clear()
         s.alloc_bases.clear()
 
     def close(self) -> None:
         self._make_current()
+        self.cu.cuCtxSynchronize()
+        self._stop_waiters()
         for s in list(self.sessions.values()):
-            self._free_session(s)
+            if not s.lost:
+                self._free_session(s)
         self.sessions.clear()
         for key in list(self._dev_models):
             self.forget_model(key)
+        for ev in self._events:
+            self.cu.cuEventDestroy(ev)
+        self._events.clear()
         if self.registered:
             self.cu.cuMemHostUnregister(self.region.address)
             self.registered = False
         self.cu.cuDevicePrimaryCtxRelease(self.dev)
+        os.close(self.wake_fd)
 
     # -- INFER on the GPU -------------------------------------------------------------------
     def _compile_mlp(self) -> Any:
@@ -353,6 +595,8 @@ class GpuExecutor(Executor):
             self.cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.dev),
             "cuDeviceGetAttribute")
         err, prog = nv.nvrtcCreateProgram(MLP_SRC.encode(), b"lake_mlp.cu", 0, [], [])
+        if int(err) != 0:
+            raise CuError(abi.LAKE_CUDA_ERROR_UNKNOWN, f"nvrtcCreateProgram: {int(err)}")
         opts = [f"--gpu-architecture=compute_{major}{minor}".encode()]
         err, = nv.nvrtcCompileProgram(prog, len(opts), opts)
         if int(err) != 0:
@@ -363,8 +607,9 @@ class GpuExecutor(Executor):
         _, size = nv.nvrtcGetPTXSize(prog)
         ptx = b" " * size
         nv.nvrtcGetPTX(prog, ptx)
-        mod = self._check(self.cu.cuModuleLoadData(ptx), "cuModuleLoadData")
-        self._mlp_fn = self._check(self.cu.cuModuleGetFunction(mod, b"lake_mlp_layer"),
+        nv.nvrtcDestroyProgram(prog)
+        self._mlp_mod = self._check(self.cu.cuModuleLoadData(ptx), "cuModuleLoadData")
+        self._mlp_fn = self._check(self.cu.cuModuleGetFunction(self._mlp_mod, b"lake_mlp_layer"),
                                    "cuModuleGetFunction")
         return self._mlp_fn
 

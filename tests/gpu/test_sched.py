@@ -146,3 +146,89 @@ def test_lc_waits_about_one_atom_behind_be(parts: "Partitions") -> None:
     assert be.atoms > 10
     # median wait behind BE: at most about one atom (+ slack for the host)
     assert shared[100] - alone <= 1.5 * atom_s + 200e-6, (shared[100], alone, atom_s)
+
+
+ATOM_SRC = r'''
+extern "C" __global__ void add2d(const float *a, float *b, int w, int h)
+{
+    int x = blockIdx.x * blockDim.x + threadIdx.x;
+    int y = blockIdx.y * 2 + blockIdx.z;
+    if (x < w && y < h)
+        b[y * w + x] = a[y * w + x] * 2.0f + (float)gridDim.y;
+}
+'''
+
+
+def test_kernel_atoms_give_the_unatomized_result(parts: "Partitions") -> None:
+    from laked.sched.kernel_atoms import AtomLauncher, compile_atomized
+    cu = parts.cu
+    major, minor = torch.cuda.get_device_capability()
+    ptx = compile_atomized(ATOM_SRC, f"compute_{major}{minor}")
+    ctx = check(cu.cuDevicePrimaryCtxRetain(parts.dev), "cuDevicePrimaryCtxRetain")
+    check(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    mod = check(cu.cuModuleLoadData(ptx), "cuModuleLoadData")
+    fn = check(cu.cuModuleGetFunction(mod, b"add2d"), "cuModuleGetFunction")
+    w, h = 1000, 37
+    a = torch.randn(h, w, device="cuda")
+    outs = []
+    for per_atom in (10**9, 7, 1):
+        b = torch.full((h, w), -1.0, device="cuda")
+        params = [ctypes.c_uint64(a.data_ptr()), ctypes.c_uint64(b.data_ptr()),
+                  ctypes.c_int(w), ctypes.c_int(h)]
+        ln = AtomLauncher(cu, fn, ((w + 127) // 128, 19, 2), (128, 1, 1), params)
+        st = parts.full().stream()
+        n = ln.launch_atoms(min(per_atom, ln.blocks), st)
+        check(cu.cuStreamSynchronize(st), "cuStreamSynchronize")
+        assert n == -(-ln.blocks // min(per_atom, ln.blocks))
+        outs.append(b.clone())
+    assert torch.equal(outs[0], a * 2 + 19)
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+
+
+def test_right_sizing_on_a_real_gemm(parts: "Partitions") -> None:
+    from laked.sched.rightsize import KernelModel
+    x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    k = KernelModel("gemm-2048x4096x4096")
+    offers = []
+    for units in (2, 4, 8, parts.n_units):
+        p = parts.get(0, units, units == parts.n_units)
+        s = p.torch_stream()
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                x @ w
+            s.synchronize()
+            for _ in range(15):
+                t = time.perf_counter()
+                x @ w
+                s.synchronize()
+                k.observe(p.sms, time.perf_counter() - t)
+        offers.append(p.sms)
+    summary = k.summary()
+    print(summary)
+    assert summary["fit_error"] < 0.3, summary
+    chosen = k.right_size(offers, slip=1.1)
+    assert chosen in offers
+    assert k.predict(chosen) <= 1.1 * k.predict(max(offers)) + 1e-9
+    assert k.predict(offers[0]) > k.predict(max(offers))      # fewer SMs: slower
+
+
+def test_power_advice_reads_nvml_only() -> None:
+    from laked.sched import power
+    try:
+        nv = power.Nvml()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"NVML unusable: {e}")
+    clocks = nv.supported_graphics_mhz()
+    before = nv.clocks_mhz()
+    meter = power.EnergyMeter(nv)
+    meter.begin()
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(20):
+        x @ x
+    torch.cuda.synchronize()
+    meter.end()
+    assert meter.joules > 0
+    a = power.advise(1.0, 0.1, clocks)
+    assert a.advised_mhz in clocks and a.predicted_slowdown <= 0.1 + 1e-9
+    assert abs(nv.clocks_mhz() - before) < 1000     # nothing was changed, only read
