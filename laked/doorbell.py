@@ -40,6 +40,9 @@ class Doorbell(Protocol):
         The doorbell never reads ``fd``: its owner resets it.
         """
 
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` (before its owner closes it)."""
+
     def close(self) -> None:
         """Release what the doorbell owns (never fds it was given)."""
 
@@ -73,6 +76,11 @@ class DevLakeDoorbell:
     def watch(self, fd: int) -> None:
         self._poll.register(fd, select.POLLIN)
         self._watched.append(fd)
+
+    def unwatch(self, fd: int) -> None:
+        if fd in self._watched:
+            self._poll.unregister(fd)
+            self._watched.remove(fd)
 
     def completions_posted(self) -> None:
         # The kernel drains the whole CQ inside this ioctl.
@@ -123,6 +131,11 @@ class EventfdDoorbell:
     def watch(self, fd: int) -> None:
         self._poll.register(fd, select.POLLIN)
         self._watched.append(fd)
+
+    def unwatch(self, fd: int) -> None:
+        if fd in self._watched:
+            self._poll.unregister(fd)
+            self._watched.remove(fd)
 
     def close(self) -> None:
         self._poll.unregister(self.sq_efd)

@@ -9,6 +9,7 @@ ring waits for the next round: nothing is dropped.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,17 +48,29 @@ class Server:
         self._pending: list[Cqe] = []
         if executor.wake_fd is not None:     # completions finished on other threads
             doorbell.watch(executor.wake_fd)
+        # stop() rings this so the thread does not sit out its poll timeout
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        doorbell.watch(self._stop_fd)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="laked-server", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread (for good); the doorbell and executor stay the caller's."""
+        if self._stop_fd < 0:
+            return
         self._stop.set()
+        os.eventfd_write(self._stop_fd, 1)
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("server thread did not stop within %.0fs", timeout)
+                return      # leave its fds alone: it may still poll them
+            self._thread = None
+        self.doorbell.unwatch(self._stop_fd)
+        os.close(self._stop_fd)
+        self._stop_fd = -1
 
     def _run(self) -> None:
         log.info("serving requests with the %s executor", self.executor.name)
