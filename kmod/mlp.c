@@ -6,6 +6,7 @@
  * same bits.
  */
 #include <linux/overflow.h>
+#include <linux/sched.h>
 #include <linux/slab.h>
 #include "internal.h"
 
@@ -95,10 +96,14 @@ int lake_mlp_run(const struct lake_weights *w, const s32 *in, u32 batch,
 	scratch = kmalloc_array(2 * w->max_dim, sizeof(s32), gfp);
 	if (!scratch)
 		return -ENOMEM;
-	for (k = 0; k < batch; k++)
+	for (k = 0; k < batch; k++) {
 		lake_mlp_item(w, in + (size_t)k * w->n_in,
 			      out + (size_t)k * w->n_out, scratch,
 			      scratch + w->max_dim);
+		/* a large batch is milliseconds of work: let others run */
+		if (gfpflags_allow_blocking(gfp) && !(k & 63))
+			cond_resched();
+	}
 	kfree(scratch);
 	return 0;
 }

@@ -470,6 +470,54 @@ def cost_auto(ctx: click.Context, model_id: int) -> None:
     click.echo(f"laked: model {model_id} costs measured")
 
 
+@main.command()
+@click.option("--interval", type=click.FloatRange(0.1, 60), default=1.0, show_default=True)
+@click.option("--count", type=click.IntRange(0), default=0, help="Stop after N screens (0: never).")
+@click.pass_context
+def top(ctx: click.Context, interval: float, count: int) -> None:
+    """Live rates: decisions, laked requests, per-model runs, per-feature captures.
+
+    \b
+    Examples:
+      laked top
+      laked top --interval 5 --count 3
+    """
+    from . import features as feats
+    cfg = _cfg(ctx)
+
+    def snap() -> dict[str, float]:
+        out: dict[str, float] = {}
+        if sysfs.loaded():
+            out.update({f"lake.{k}": v for k, v in sysfs.stats().items()})
+        for m in sysfs.models():
+            for k, v in dict(m["stats"]).items():  # type: ignore[arg-type]
+                out[f"model {m['name']}.{k}"] = v
+        for f in feats.list_all():
+            out[f"feature {f.name}.captured"] = f.captured
+            out[f"feature {f.name}.dropped"] = f.dropped
+        try:
+            st = ctl.call(cfg.sock_path, {"op": "status"}, 5).get("status") or {}
+            srv = (st.get("dataplane") or {}).get("server") or {}
+            for k in ("requests", "errors"):
+                if k in srv:
+                    out[f"laked.{k}"] = srv[k]
+        except ctl.NotRunning:
+            pass
+        return out
+
+    prev, shown = snap(), 0
+    while count == 0 or shown < count:
+        time.sleep(interval)
+        cur = snap()
+        click.echo(f"--- {time.strftime('%H:%M:%S')}  (per second over {interval:g}s)")
+        for key in sorted(cur):
+            if key.endswith("_ns"):
+                continue
+            rate = (cur[key] - prev.get(key, 0)) / interval
+            click.echo(f"  {key:<40} {cur[key]:>14.0f} {rate:>12.1f}/s")
+        prev, shown = cur, shown + 1
+
+
 @main.group()
 def features() -> None:
     """Feature sets kernel code captures through lake."""
