@@ -200,7 +200,7 @@ class GpuExecutor(Executor):
             self._tls.gen = self._gen
 
     def _register(self) -> None:
-        self.registered = False
+        self._set_registered(False)
         if not self._want_register:
             self.register_error = "registration turned off; the driver stages every copy"
             log.warning("region not registered (turned off): copies are staged")
@@ -210,7 +210,7 @@ class GpuExecutor(Executor):
                  else self.cu.CUmemhostregister_flags.CU_MEMHOSTREGISTER_DEVICEMAP)
         err, = self.cu.cuMemHostRegister(self.region.address, self.region.size, int(flags))
         if int(err) == 0:
-            self.registered = True
+            self._set_registered(True)
             self.register_error = ""
             log.info("region registered with CUDA (%d MiB, device-mapped)",
                      self.region.size >> 20)
@@ -218,6 +218,12 @@ class GpuExecutor(Executor):
             self.register_error = (f"cuMemHostRegister failed with CUresult {int(err)}; "
                                    "the driver stages every copy")
             log.warning("region not registered: %s", self.register_error)
+
+    def _set_registered(self, yes: bool) -> None:
+        """Ours, and the header's LAKE_DAEMON_F_REGISTERED for the kernel to read."""
+        self.registered = yes
+        flags = self.region.daemon_flags & ~abi.LAKE_DAEMON_F_REGISTERED
+        self.region.daemon_flags = flags | (abi.LAKE_DAEMON_F_REGISTERED if yes else 0)
 
     def info(self) -> dict[str, Any]:
         out = super().info()
@@ -343,7 +349,7 @@ class GpuExecutor(Executor):
         self._models.clear()
         if self.registered:
             self.cu.cuMemHostUnregister(self.region.address)
-            self.registered = False
+            self._set_registered(False)
         self.cu.cuDevicePrimaryCtxReset(self.dev)
         self.cu.cuDevicePrimaryCtxRelease(self.dev)
         self.ctx = self._check(self.cu.cuDevicePrimaryCtxRetain(self.dev),
@@ -579,7 +585,7 @@ class GpuExecutor(Executor):
         self._events.clear()
         if self.registered:
             self.cu.cuMemHostUnregister(self.region.address)
-            self.registered = False
+            self._set_registered(False)
         self.cu.cuDevicePrimaryCtxRelease(self.dev)
         os.close(self.wake_fd)
 
