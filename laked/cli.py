@@ -264,12 +264,15 @@ def _print_status(out: dict[str, Any]) -> None:
                f"module {'connected' if d['module_connected'] else 'waiting'}")
     dp = d.get("dataplane")
     if dp:
-        reg = ("registered with CUDA (zero-copy)" if dp["region_registered"]
-               else "not registered (staging copies)" if dp["executor"] == "gpu"
-               else "CPU executor")
+        reg = dp.get("region_copies") or (
+            "registered with CUDA (zero-copy)" if dp["region_registered"]
+            else "not registered (staging copies)" if dp["executor"] == "gpu"
+            else "CPU executor")
         srv = dp["server"]
+        if dp.get("executor_why"):
+            click.echo(f"  executor: {dp['executor']} ({dp['executor_why']})")
         click.echo(f"  region:  {dp['region_mb']} MiB, {reg}; requests {srv['requests']}, "
-                   f"errors {srv['errors']}")
+                   f"errors {srv['errors']}, deferred {srv.get('deferred', 0)}")
     click.echo(f"  policy:  {pol['name'] + ' (' + pol['path'] + ')' if pol else 'none'}")
     util = d["gpu_util"]
     click.echo(f"  gpu_util: {util['value']}% ({util['source']})")

@@ -14,7 +14,7 @@ from . import ctl, sysfs
 from .config import DEFAULT_RUN_DIR, Config
 from .genl import Control, ControlError, ModuleNotLoaded
 from .costs import Cost, CostTable
-from .dataplane import DataPlane
+from .dataplane import DEV, DataPlane
 from .executor import ExecutorUnavailable
 from .gpustat import GpuUtil
 from .policy import PolicyError, PolicyManager
@@ -111,6 +111,11 @@ class Daemon:
         return 0
 
     def _open_dataplane(self) -> None:
+        if not os.path.exists(DEV):
+            # A module without the data plane: serve the control plane only.
+            log.warning("%s does not exist: no data plane (cu* calls and INFER unavailable)",
+                        DEV)
+            return
         try:
             self.dataplane = DataPlane.open(self.cfg.executor)
         except OSError as e:
@@ -138,6 +143,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 1),
             "module_connected": self.control is not None,
             "executor": self.dataplane.executor.name if self.dataplane else None,
+            "region": self.dataplane.info()["region_copies"] if self.dataplane else None,
             "dataplane": self.dataplane.info() if self.dataplane else None,
             "policy": self.policy.info(),
             "gpu_util": {"value": self.util.read(), "source": self.util.source},

@@ -56,6 +56,7 @@ class DataPlane:
 
     def close(self) -> None:
         self.server.stop()
+        self.server.doorbell.close()
         self.executor.close()
         self.region.close()
         self.mm.close()
@@ -64,7 +65,14 @@ class DataPlane:
 
     def info(self) -> dict[str, Any]:
         ex = self.executor.info()
-        return {"executor": self.executor.name,
+        if self.executor.name != "gpu":
+            copies = "no GPU copies (CPU executor)"
+        elif ex.get("registered"):
+            copies = "registered with CUDA (cuMemHostRegister, device-mapped): DMA-direct"
+        else:
+            copies = f"staging copies: {ex.get('register_error') or 'not registered'}"
+        return {"executor": self.executor.name, "executor_why": ex.get("why"),
                 "region_registered": bool(ex.get("registered")),
+                "region_copies": copies,
                 "region_mb": self.region.size >> 20,
                 "executor_info": ex, "server": self.server.info()}

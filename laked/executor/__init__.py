@@ -34,7 +34,9 @@ def choose_executor(kind: str, region: Region, *, device: int = 0,
         raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "cpu":
         log.info("executor: cpu (forced); cu* requests answer CUDA_ERROR_NO_DEVICE")
-        return CpuExecutor(region)
+        ex = CpuExecutor(region)
+        ex.why = "forced (--executor cpu)"
+        return ex
     from .gpu import GpuExecutor  # deferred: imports nothing from CUDA until asked
     try:
         ex = GpuExecutor(region, device=device, register=register)
@@ -42,8 +44,11 @@ def choose_executor(kind: str, region: Region, *, device: int = 0,
         if kind == "gpu":
             raise ExecutorUnavailable(f"--executor gpu: {e}") from e
         log.info("executor: cpu (no usable GPU: %s)", e)
-        return CpuExecutor(region)
+        cpu = CpuExecutor(region)
+        cpu.why = f"no usable GPU: {e}"
+        return cpu
     log.info("executor: gpu (%s, region %s)", ex.device_name,
              "registered: copies are DMA-direct" if ex.registered
              else "NOT registered: copies are staged")
+    ex.why = "forced (--executor gpu)" if kind == "gpu" else "auto: a CUDA device answered"
     return ex

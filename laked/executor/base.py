@@ -106,6 +106,8 @@ class Executor(ABC):
     # An fd the server polls beside the doorbell: readable when ``reap``
     # has completions (executors that finish work on other threads).
     wake_fd: int | None = None
+    # Why this executor was chosen (auto falling back to the CPU says why).
+    why: str = ""
 
     def __init__(self, region: Region) -> None:
         self.region = region
@@ -146,7 +148,7 @@ class Executor(ABC):
 
     def info(self) -> dict[str, Any]:
         return {"executor": self.name, "registered": self.registered,
-                "sessions": len(self.sessions),
+                "why": self.why or None, "sessions": len(self.sessions),
                 "device_bytes": sum(s.device_bytes for s in self.sessions.values())}
 
     def close(self) -> None:

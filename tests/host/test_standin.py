@@ -210,3 +210,30 @@ def test_heap_allocator() -> None:
     h.free(b)
     assert h.used == 0 and h._free == [(4096, 10_000)]  # noqa: SLF001 - coalesced
     assert h.alloc(10_000) == 4096
+
+
+def test_dataplane_reports_executor_region_and_counters() -> None:
+    """What `laked status` shows of the data plane (DataPlane over a memfd here)."""
+    import mmap
+
+    from laked.dataplane import DataPlane
+    from laked.doorbell import EventfdDoorbell
+    from laked.region import Region, init_region
+    from laked.server import Server
+    fd = os.memfd_create("lake-test")
+    os.ftruncate(fd, 4 << 20)
+    mm = mmap.mmap(fd, 4 << 20)
+    init_region(mm)
+    region = Region(mm)
+    ex = choose_executor("cpu", region)
+    sq, cq = os.eventfd(0), os.eventfd(0)
+    server = Server(region, EventfdDoorbell(sq, cq), ex)
+    dp = DataPlane(fd, mm, region, ex, server)
+    info = dp.info()
+    assert info["executor"] == "cpu" and info["executor_why"] == "forced (--executor cpu)"
+    assert info["region_copies"] == "no GPU copies (CPU executor)"
+    assert not info["region_registered"] and info["region_mb"] == 4
+    assert info["server"]["requests"] == 0 and "deferred" in info["server"]
+    dp.close()
+    os.close(sq)
+    os.close(cq)
