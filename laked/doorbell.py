@@ -35,9 +35,9 @@ class Doorbell(Protocol):
         """Tell the consumer of the completion ring that it has work."""
 
     def watch(self, fd: int) -> None:
-        """Also wake up when ``fd`` is readable (the executor's completions).
-
-        The doorbell never reads ``fd``: its owner resets it.
+        """Also wake up when eventfd ``fd`` is readable (the executor's
+        completions, a stop request); the doorbell resets it when it fires,
+        so whoever rings it must publish its news before ringing.
         """
 
     def unwatch(self, fd: int) -> None:
@@ -45,6 +45,13 @@ class Doorbell(Protocol):
 
     def close(self) -> None:
         """Release what the doorbell owns (never fds it was given)."""
+
+
+def _reset(efd: int) -> None:
+    try:
+        os.eventfd_read(efd)
+    except BlockingIOError:
+        pass
 
 
 def _poll_ms(timeout: float | None) -> int | None:
@@ -69,8 +76,11 @@ class DevLakeDoorbell:
         except InterruptedError:
             return False
         for fd, ev in events:
-            if fd == self.fd and ev & (select.POLLERR | select.POLLNVAL):
-                raise OSError(errno.EBADF, "/dev/lake reported an error while polling")
+            if fd == self.fd:
+                if ev & (select.POLLERR | select.POLLNVAL):
+                    raise OSError(errno.EBADF, "/dev/lake reported an error while polling")
+            else:
+                _reset(fd)
         return bool(events)
 
     def watch(self, fd: int) -> None:
@@ -115,7 +125,8 @@ class EventfdDoorbell:
         woke = False
         for fd, _ev in events:
             if fd != self.sq_efd:
-                woke = True         # a watched fd: its owner resets it
+                _reset(fd)          # a watched eventfd
+                woke = True
                 continue
             try:
                 os.eventfd_read(self.sq_efd)

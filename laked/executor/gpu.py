@@ -33,6 +33,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +47,14 @@ from .base import OK, Completion, CuError, Executor, ExecutorUnavailable, Sessio
 log = logging.getLogger("laked.executor.gpu")
 
 # Sync copies up to this size run on the server thread (a hop through a
-# waiter costs more than the copy); larger ones are deferred like async ones.
-INLINE_COPY_MAX = 1 << 20
+# waiter costs more than the copy: ~85 us at 4 MiB on an H100); larger ones
+# are deferred like async ones.
+INLINE_COPY_MAX = 4 << 20
+
+# A sync whose streams are busy is re-checked this long on the server
+# thread before it is handed to a waiter: short kernels finish in a few
+# microseconds, and the hop through a waiter thread costs tens.
+SYNC_SPIN_S = 50e-6
 
 # CUresults after which the context is unusable until reset (CUDA's "sticky" errors).
 STICKY = frozenset({700, 702, 710, 714, 715, 716, 717, 718, 719})
@@ -157,6 +164,7 @@ class GpuExecutor(Executor):
         self._done: list[tuple[int, Completion]] = []
         self._outstanding = 0
         self._fault = 0                     # sticky CUresult seen, not yet recovered
+        self.broken = ""                    # set when a reset failed: say why, answer errors
         self._waiters: dict[int, _Waiter] = {}
         self._events: list[Any] = []        # free events, reused
         self._mlp_fn: Any = None
@@ -233,13 +241,19 @@ class GpuExecutor(Executor):
                    deferred_now=self.deferred(), deferred_total=g.deferred,
                    inline_syncs=g.inline_syncs, staged_copies=g.staged_copies,
                    stream_waiters=len(self._waiters), context_resets=g.context_resets,
-                   last_fault=g.last_fault or None)
+                   last_fault=g.last_fault or None, broken=self.broken or None)
         return out
 
     # -- the server's interface -----------------------------------------------------
     def execute(self, sqe: Sqe) -> Completion | None:
         if self._fault:
             self._recover()
+        if self.broken:
+            if sqe.op == abi.LAKE_OP_SESSION_CLOSE:
+                self.sessions.pop(sqe.session, None)
+            if sqe.op in (abi.LAKE_OP_NULL, abi.LAKE_OP_SESSION_CLOSE):
+                return OK
+            return (self.gstats.last_fault or abi.LAKE_CUDA_ERROR_UNKNOWN, 0, 0)
         self._make_current()
         s = self.sessions.get(sqe.session)
         if s is not None and s.lost and sqe.op not in (abi.LAKE_OP_NULL,
@@ -248,14 +262,13 @@ class GpuExecutor(Executor):
         return super().execute(sqe)
 
     def reap(self) -> list[tuple[int, Completion]]:
-        try:
-            os.eventfd_read(self.wake_fd)
-        except BlockingIOError:
-            pass
-        with self._lock:
-            done, self._done = self._done, []
+        # The doorbell resets wake_fd; waiters append before they ring it.
         if self._fault and not self._outstanding:
             self._recover()
+        if not self._done:
+            return []
+        with self._lock:
+            done, self._done = self._done, []
         return done
 
     def deferred(self) -> int:
@@ -350,16 +363,32 @@ class GpuExecutor(Executor):
         if self.registered:
             self.cu.cuMemHostUnregister(self.region.address)
             self._set_registered(False)
-        self.cu.cuDevicePrimaryCtxReset(self.dev)
-        self.cu.cuDevicePrimaryCtxRelease(self.dev)
-        self.ctx = self._check(self.cu.cuDevicePrimaryCtxRetain(self.dev),
-                               "cuDevicePrimaryCtxRetain")
-        self._gen += 1
-        self._make_current()
-        self._register()
-        self.gstats.context_resets += 1
+        try:
+            self._reset_context()
+        except Exception as e:  # noqa: BLE001 - whatever it was, laked must keep answering
+            self.broken = (f"GPU context lost (CUresult {code}) and not recoverable in this "
+                           f"process ({e}); restart laked")
+            log.error("%s", self.broken)
+        else:
+            self._register()
+            self.gstats.context_resets += 1
+            log.warning("CUDA context reset after fault %d; serving again", code)
         with self._lock:
             self._fault = 0
+
+    def _reset_context(self) -> None:
+        """A fresh primary context: reset, drop ours, retain a new one, probe it."""
+        cu = self.cu
+        cu.cuCtxSetCurrent(cu.CUcontext(0))     # the poisoned one must not stay current
+        err, = cu.cuDevicePrimaryCtxReset(self.dev)
+        if int(err):
+            log.warning("cuDevicePrimaryCtxReset: CUresult %d", int(err))
+        cu.cuDevicePrimaryCtxRelease(self.dev)
+        self.ctx = self._check(cu.cuDevicePrimaryCtxRetain(self.dev), "cuDevicePrimaryCtxRetain")
+        self._gen += 1
+        self._make_current()
+        probe = self._check(cu.cuMemAlloc(4096), "cuMemAlloc (probe after reset)")
+        self._check(cu.cuMemFree(probe), "cuMemFree (probe after reset)")
 
     # -- helpers ------------------------------------------------------------------------
     def _stream(self, sqe: Sqe, handle: int) -> Any:
@@ -411,19 +440,25 @@ class GpuExecutor(Executor):
     def _sync(self, sqe: Sqe, streams: list[Any]) -> Completion | None:
         """Complete at once if ``streams`` are idle, else when they drain."""
         not_ready = int(self.cu.CUresult.CUDA_ERROR_NOT_READY)
-        busy = []
-        for st in streams:
-            err, = self.cu.cuStreamQuery(st)
-            code = int(err)
-            if code == not_ready:
-                busy.append(st)
-            elif code:
-                if code in STICKY:
-                    self._note_fault(code, "cuStreamQuery")
-                return (code, 0, 0)
-        if not busy:
-            self.gstats.inline_syncs += 1
-            return OK
+        busy = streams
+        deadline = time.perf_counter() + SYNC_SPIN_S
+        while True:
+            still = []
+            for st in busy:
+                err, = self.cu.cuStreamQuery(st)
+                code = int(err)
+                if code == not_ready:
+                    still.append(st)
+                elif code:
+                    if code in STICKY:
+                        self._note_fault(code, "cuStreamQuery")
+                    return (code, 0, 0)
+            busy = still
+            if not busy:
+                self.gstats.inline_syncs += 1
+                return OK
+            if time.perf_counter() > deadline:
+                break
         self._defer(sqe.id, busy)
         return None
 
