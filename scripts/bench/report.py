@@ -60,8 +60,11 @@ def vm_section(rt: Any, feat: Any) -> list[str]:
 def gpu_section(d: Any) -> list[str]:
     if not d:
         return []
+    head = ["## On the device machine (laked's GPU executor via the user-space stand-in)", ""]
+    if "table_md" in d:     # dataplane_gpu.py writes its own table
+        return head + [d["table_md"].rstrip(), ""] + infer_table(d)
     nr, lr = d["null_round_trip"], d["launch_round_trip"]
-    out = ["## On the device machine (laked's GPU executor via the user-space stand-in)", "",
+    out = head + [
            f"Device: {d['device']}; region registered with CUDA: {d['registered']}.", "",
            "| what | lake median / p99 (us) | baseline median / p99 (us) | ratio median / p99 |",
            "| --- | --- | --- | --- |",
@@ -82,10 +85,14 @@ def gpu_section(d: Any) -> list[str]:
         out.append(f"| {c['bytes']} | {f(c['lake_htod_GBps'])} | {f(c['pinned_htod_GBps'])} | "
                    f"{f(c['htod_time_ratio']['median'])}x | {f(c['lake_dtoh_GBps'])} | "
                    f"{f(c['pinned_dtoh_GBps'])} | {f(c['dtoh_time_ratio']['median'])}x |")
-    out += ["", "GPU inference of the 31->256->2 MLP through LAKE_OP_INFER (one request "
-            "each, results checked against the CPU reference):", "",
-            "| batch | median (us) | p99 (us) | items/s |", "| --- | --- | --- | --- |"]
-    for r in d["infer_mlp_31_256_2"]:
+    return out + [""] + infer_table(d)
+
+
+def infer_table(d: Any) -> list[str]:
+    out = ["GPU inference of the 31->256->2 MLP through LAKE_OP_INFER (one request "
+           "each, results checked against the CPU reference):", "",
+           "| batch | median (us) | p99 (us) | items/s |", "| --- | --- | --- | --- |"]
+    for r in d.get("infer_mlp_31_256_2", []):
         out.append(f"| {r['batch']} | {f(r['median_us'], 1)} | {f(r['p99_us'], 1)} | "
                    f"{r['items_per_s']:.3g} |")
     out.append("")
