@@ -52,11 +52,14 @@ class Tenant:
 
 @dataclass
 class Knobs:
-    busy_rows: int = 1024            # atom rows while LC is active or expected (0: pause BE)
+    """Defaults: the best measured point (docs/benchmarks.md, sched sweep)."""
+    busy_rows: int = 0               # atom rows while LC runs (0: BE pauses)
     idle_rows: int = 8192            # atom rows at most while the GPU is BE's alone
     depth: int = 1                   # BE atoms queued while contended
     idle_depth: int = 2              # ... and while idle
-    lead_s: float = 0.0008           # contended this long before a predicted LC
+    lead_s: float = 0.0012           # contended this long before a predicted LC
+    soon_rows: int = 384             # >0: in the lead window, atoms this small on the
+                                     # whole GPU instead of the busy rule
 
 
 class Scheduler:
@@ -116,6 +119,15 @@ class Scheduler:
         tenant.latencies.append(dt)
         return dt
 
+    def state(self) -> tuple[str, float]:
+        """("lc" | "soon" | "idle", seconds until LC work is expected)."""
+        with self._lock:
+            active = self._lc_active
+        busy, until = self.plan()
+        if active:
+            return "lc", 0.0
+        return ("soon" if busy else "idle"), until
+
     def plan(self) -> tuple[bool, float]:
         """(contended, seconds until LC work is expected; inf if not)."""
         with self._lock:
@@ -157,21 +169,28 @@ class Scheduler:
             while not op.finished:
                 if stop.is_set():
                     return
-                busy, room = self.plan()
+                st, room = self.state()
+                busy = st != "idle"
                 self._wait_depth(self.knobs.depth if busy else self.knobs.idle_depth)
-                busy, room = self.plan()
-                if busy and not self.knobs.busy_rows:
+                st, room = self.state()
+                busy = st != "idle"
+                soon = st == "soon" and self.knobs.soon_rows > 0
+                if busy and not soon and not self.knobs.busy_rows:
                     time.sleep(0)       # paused: LC has the whole GPU
                     continue
-                stream = self.be_busy_stream if busy else self.be_full_stream
-                rows = self.knobs.busy_rows if busy else self._idle_rows(room)
+                if soon:                # tiny atoms: an arriving LC waits little
+                    stream, rows = self.be_full_stream, self.knobs.soon_rows
+                elif busy:
+                    stream, rows = self.be_busy_stream, self.knobs.busy_rows
+                else:
+                    stream, rows = self.be_full_stream, self._idle_rows(room)
                 start = self.torch.cuda.Event(enable_timing=True)
                 end = self.torch.cuda.Event(enable_timing=True)
                 with self.torch.cuda.stream(stream):
                     start.record(stream)
                     i0, i1 = op.next_atom(rows)
                     end.record(stream)
-                self._inflight.append((start, end, i1 - i0, not busy))
+                self._inflight.append((start, end, i1 - i0, stream is self.be_full_stream))
                 tenant.atoms += 1
                 tenant.rows += i1 - i0
         self.drain()

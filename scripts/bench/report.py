@@ -131,12 +131,16 @@ def sched_section(d: Any, sweep: dict[str, Any]) -> list[str]:
                    f"{f(r['lc_p50_ratio'])}x | {f(r['lc_p99_ratio'])}x | "
                    f"{f(r.get('be_ratio'))} | {f(r.get('energy_mj_per_lc'), 0)} |")
     out += ["", f"Knobs of the table above: LC quota {a['lc_quota_sms']} SMs, busy atoms "
-            f"{a['busy_rows']} rows, idle atoms up to {a['idle_rows']} rows.", "",
+            f"{a['busy_rows']} rows (0: BE pauses while LC runs), idle atoms up to "
+            f"{a['idle_rows']} rows, {a.get('soon_rows', 0)}-row atoms within "
+            f"{a.get('lead_ms', 0.8)} ms of a predicted LC arrival. The isolated LC p99 is "
+            "itself 4-8x its median (host jitter), so p99 ratios are noisy; p50 ratios and "
+            "BE ratios are the stable signal.", "",
             "Sweep of the scheduler's knobs (one run each; lake rows only, static for "
             "reference where the quota changes):", "",
-            "| run | LC quota | busy rows | idle depth | lead (ms) | idle rows | config | "
-            "p50 ratio | p99 ratio | BE ratio |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| run | LC quota | busy rows | idle depth | lead (ms) | idle rows | soon rows | "
+            "config | p50 ratio | p99 ratio | BE ratio |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in sorted(sweep.items()):
         a = s["args"]
         for r in s["table"]:
@@ -144,6 +148,7 @@ def sched_section(d: Any, sweep: dict[str, Any]) -> list[str]:
                 continue
             out.append(f"| {name} | {a['lc_quota_sms']} | {a['busy_rows']} | "
                        f"{a.get('idle_depth', 2)} | {a.get('lead_ms', 0.8)} | {a['idle_rows']} | "
+                       f"{a.get('soon_rows', 0)} | "
                        f"{r['config']} | {f(r['lc_p50_ratio'])}x | {f(r['lc_p99_ratio'])}x | "
                        f"{f(r.get('be_ratio'))} |")
     out.append("")

@@ -153,11 +153,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--period-ms", type=float, default=5.0)
-    ap.add_argument("--lc-quota-sms", type=int, default=24)
-    ap.add_argument("--busy-rows", type=int, default=1024)
-    ap.add_argument("--idle-rows", type=int, default=4096)
+    ap.add_argument("--lc-quota-sms", type=int, default=64)
+    ap.add_argument("--busy-rows", type=int, default=0)
+    ap.add_argument("--idle-rows", type=int, default=8192)
     ap.add_argument("--idle-depth", type=int, default=2)
-    ap.add_argument("--lead-ms", type=float, default=0.8)
+    ap.add_argument("--lead-ms", type=float, default=1.2)
+    ap.add_argument("--soon-rows", type=int, default=384)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "sched_gpu.json"))
     args = ap.parse_args()
@@ -173,7 +174,8 @@ def main() -> int:
     st_be = parts.get(lc_units, parts.n_units, True).torch_stream(int(lo))
     sched = Scheduler(parts, args.lc_quota_sms,
                       Knobs(busy_rows=args.busy_rows, idle_rows=args.idle_rows,
-                            idle_depth=args.idle_depth, lead_s=args.lead_ms / 1e3))
+                            idle_depth=args.idle_depth, lead_s=args.lead_ms / 1e3,
+                            soon_rows=args.soon_rows))
     lc_t = sched.tenant("lc-gemm-chain", "LC", args.lc_quota_sms)
     be_t = sched.tenant("be-gemm", "BE", parts.total_sms)
     for _ in range(20):          # warm cuBLAS on every stream
