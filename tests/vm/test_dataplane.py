@@ -81,12 +81,13 @@ def test_slow_daemon_times_out_then_recovers(laked: Laked, dev: int) -> None:
     try:
         t = time.monotonic()
         assert null_rt(dev) == errno.ETIMEDOUT
-        assert 0.25 < time.monotonic() - t < 5
+        assert 0.25 < time.monotonic() - t < 30     # generous: the VM is emulated
     finally:
         os.kill(laked.pid, signal.SIGCONT)
         knob("timeout_ms", 2000)
     assert stat("timeouts") == before + 1
-    assert null_rt(dev) == 0            # the late completion was dropped cleanly
+    # the late completion was dropped cleanly; laked may need a moment to wake
+    assert wait_for(lambda: null_rt(dev) == 0, timeout=60, interval=0.5)
 
 
 def test_full_ring_backpressure_loses_nothing(laked: Laked, dev: int) -> None:
