@@ -30,6 +30,8 @@ from .partition import Partition, Partitions
 
 log = logging.getLogger("laked.sched")
 
+YIELD_S = 20e-6      # how long the BE issuer sleeps while it waits
+
 
 @dataclass
 class Tenant:
@@ -155,8 +157,9 @@ class Scheduler:
         while len(self._inflight) >= depth:
             start, end, rows, full = self._inflight[0]
             if not end.query():
-                # an atom is 100s of us: yield the GIL (LC's launches need it)
-                time.sleep(0)
+                # an atom is 100s of us; a real sleep hands the GIL to LC's
+                # launching thread (sleep(0) re-takes it before they can)
+                time.sleep(YIELD_S)
                 continue
             self._inflight.popleft()
             if full:    # learn the whole GPU's time per row
@@ -176,7 +179,7 @@ class Scheduler:
                 busy = st != "idle"
                 soon = st == "soon" and self.knobs.soon_rows > 0
                 if busy and not soon and not self.knobs.busy_rows:
-                    time.sleep(0)       # paused: LC has the whole GPU
+                    time.sleep(YIELD_S)     # paused: LC has the whole GPU
                     continue
                 if soon:                # tiny atoms: an arriving LC waits little
                     stream, rows = self.be_full_stream, self.knobs.soon_rows

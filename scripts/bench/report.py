@@ -133,9 +133,9 @@ def sched_section(d: Any, sweep: dict[str, Any]) -> list[str]:
     out += ["", f"Knobs of the table above: LC quota {a['lc_quota_sms']} SMs, busy atoms "
             f"{a['busy_rows']} rows (0: BE pauses while LC runs), idle atoms up to "
             f"{a['idle_rows']} rows, {a.get('soon_rows', 0)}-row atoms within "
-            f"{a.get('lead_ms', 0.8)} ms of a predicted LC arrival. The isolated LC p99 is "
-            "itself 4-8x its median (host jitter), so p99 ratios are noisy; p50 ratios and "
-            "BE ratios are the stable signal.", "",
+            f"{a.get('lead_ms', 0.8)} ms of a predicted LC arrival. LC requests are paced by "
+            "sleeping and then spinning the last 300 us; runs paced by sleep alone (in the "
+            "sweep) show isolated LC p99 at 4-8x its median from wake-up jitter.", "",
             "Sweep of the scheduler's knobs (one run each; lake rows only, static for "
             "reference where the quota changes):", "",
             "| run | LC quota | busy rows | idle depth | lead (ms) | idle rows | soon rows | "
