@@ -305,8 +305,7 @@ static int lake_feat_publish(struct lake_feature *f)
 
 static bool lake_feat_args_ok(const char *name, u32 n_fields, u32 capacity)
 {
-	return name && name[0] && strlen(name) < LAKE_FEATURE_NAME_MAX &&
-	       !strchr(name, '/') && n_fields >= 1 &&
+	return lake_sysfs_name_ok(name, LAKE_FEATURE_NAME_MAX) && n_fields >= 1 &&
 	       n_fields <= LAKE_FEATURE_FIELDS_MAX && capacity >= 1 &&
 	       capacity <= LAKE_FEATURE_CAP_MAX;
 }

@@ -5,6 +5,7 @@
  * request to laked.  If laked fails or is late, the CPU answers instead and
  * the model's "fallbacks" counter says so: a caller always gets a result.
  */
+#include <linux/err.h>
 #include <linux/ktime.h>
 #include <linux/slab.h>
 #include "internal.h"
@@ -86,6 +87,24 @@ static int lake_infer_cpu_timed(struct lake_model *m, struct lake_weights *w,
 	return err;
 }
 
+/* The weights to run @batch rows of n_in -> n_out on, or an ERR_PTR. */
+static struct lake_weights *lake_infer_weights(struct lake_model *m, u32 batch,
+					       u32 n_in, u32 n_out)
+{
+	struct lake_weights *w;
+
+	if (!batch || batch > LAKE_INFER_BATCH_MAX)
+		return ERR_PTR(-EINVAL);
+	w = lake_weights_get(m);
+	if (!w)
+		return ERR_PTR(-ENODATA);
+	if (w->n_in != n_in || w->n_out != n_out) {
+		lake_weights_put(w);
+		return ERR_PTR(-EINVAL);
+	}
+	return w;
+}
+
 int lake_infer(struct lake_model *m, const s32 *in, u32 batch, u32 n_in,
 	       s32 *out, u32 n_out, u32 mode, struct lake_infer_result *res)
 {
@@ -96,14 +115,11 @@ int lake_infer(struct lake_model *m, const s32 *in, u32 batch, u32 n_in,
 
 	res = res ?: &dummy;
 	memset(res, 0, sizeof(*res));
-	if (!batch || batch > LAKE_INFER_BATCH_MAX || mode > LAKE_INFER_GPU)
+	if (mode > LAKE_INFER_GPU)
 		return -EINVAL;
-	w = lake_weights_get(m);
-	if (!w)
-		return -ENODATA;
-	err = -EINVAL;
-	if (w->n_in != n_in || w->n_out != n_out)
-		goto out;
+	w = lake_infer_weights(m, batch, n_in, n_out);
+	if (IS_ERR(w))
+		return PTR_ERR(w);
 	res->target = lake_infer_choose(m, batch, mode, res);
 	if (res->target == LAKE_DECIDE_GPU) {
 		t0 = ktime_get_ns();
@@ -125,16 +141,12 @@ EXPORT_SYMBOL_GPL(lake_infer);
 int lake_infer_cpu(struct lake_model *m, const s32 *in, u32 batch, u32 n_in,
 		   s32 *out, u32 n_out, gfp_t gfp)
 {
-	struct lake_weights *w;
-	int err = -EINVAL;
+	struct lake_weights *w = lake_infer_weights(m, batch, n_in, n_out);
+	int err;
 
-	if (!batch || batch > LAKE_INFER_BATCH_MAX)
-		return -EINVAL;
-	w = lake_weights_get(m);
-	if (!w)
-		return -ENODATA;
-	if (w->n_in == n_in && w->n_out == n_out)
-		err = lake_mlp_run(w, in, batch, out, gfp);
+	if (IS_ERR(w))
+		return PTR_ERR(w);
+	err = lake_mlp_run(w, in, batch, out, gfp);
 	lake_weights_put(w);
 	return err;
 }

@@ -133,6 +133,7 @@ void lake_cuapi_exit(void);
 
 /* sysfs.c: /sys/kernel/lake */
 struct kobject *lake_sysfs_kobj(void);
+bool lake_sysfs_name_ok(const char *name, size_t max);
 int lake_sysfs_init(void);
 void lake_sysfs_exit(void);
 

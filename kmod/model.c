@@ -180,12 +180,6 @@ static struct lake_model *lake_model_find(const char *name)
 	return NULL;
 }
 
-static bool lake_model_name_ok(const char *name)
-{
-	return name && name[0] && strlen(name) < LAKE_MODEL_NAME_MAX &&
-	       !strchr(name, '/') && strcmp(name, ".") && strcmp(name, "..");
-}
-
 /* Called with lake_models_lock held. */
 static struct lake_model *lake_model_create(const char *name)
 {
@@ -219,7 +213,7 @@ struct lake_model *lake_model_open(const char *name)
 {
 	struct lake_model *m;
 
-	if (!lake_model_name_ok(name))
+	if (!lake_sysfs_name_ok(name, LAKE_MODEL_NAME_MAX))
 		return ERR_PTR(-EINVAL);
 	mutex_lock(&lake_models_lock);
 	m = lake_model_find(name);
@@ -267,7 +261,7 @@ int lake_model_push(const char *name, void *blob, size_t len, u32 *id,
 	struct lake_weights *w, *old;
 	struct lake_model *m;
 
-	if (!lake_model_name_ok(name)) {
+	if (!lake_sysfs_name_ok(name, LAKE_MODEL_NAME_MAX)) {
 		kvfree(blob);
 		return -EINVAL;
 	}

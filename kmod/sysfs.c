@@ -110,6 +110,13 @@ static void lake_sysfs_build(void)
 	lake_attrs[n] = NULL;
 }
 
+/* A name that can be a directory under /sys/kernel/lake, shorter than @max. */
+bool lake_sysfs_name_ok(const char *name, size_t max)
+{
+	return name && name[0] && strnlen(name, max) < max && !strchr(name, '/') &&
+	       strcmp(name, ".") && strcmp(name, "..");
+}
+
 struct kobject *lake_sysfs_kobj(void)
 {
 	return lake_kobj;

@@ -188,15 +188,7 @@ def stop(ctx: click.Context, timeout: float) -> None:
     click.echo("laked: stopped")
 
 
-def _module_status(cfg: Config) -> dict[str, Any]:
-    # Through a running laked first: a one-shot netlink client costs an
-    # import and a socket, slow where Python is slow (the emulated test VM).
-    try:
-        reply = ctl.call(cfg.sock_path, {"op": "module_status"}, 10)
-        if reply.get("ok"):
-            return dict(reply["module"])
-    except ctl.NotRunning:
-        pass
+def _module_status() -> dict[str, Any]:
     from .genl import Control, ControlError, ModuleNotLoaded
     try:
         with Control() as c:
@@ -223,7 +215,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
                            "features": [{"name": f.name, "captured": f.captured,
                                          "dropped": f.dropped} for f in feats.list_all()]}
     if sysfs.loaded():
-        out["module"] = _module_status(cfg)
+        out["module"] = _module_status()
     try:
         reply = ctl.call(cfg.sock_path, {"op": "status"}, 10)
         out["daemon"] = reply.get("status")
@@ -569,9 +561,7 @@ def features_record(name: str, file: str, seconds: float) -> None:
 @click.option("--model", type=click.IntRange(0, 2**32 - 1), default=0)
 @click.option("--queue-depth", type=click.IntRange(0, 2**32 - 1), default=0)
 @click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def decide(ctx: click.Context, batch: int, model: int, queue_depth: int,
-           as_json: bool) -> None:
+def decide(batch: int, model: int, queue_depth: int, as_json: bool) -> None:
     """Ask lake.ko for one decision on a given context (debugging).
 
     \b
@@ -580,31 +570,21 @@ def decide(ctx: click.Context, batch: int, model: int, queue_depth: int,
       laked decide --batch 8 --json
     """
     _need_root("laked decide")
-    target, by = _decide(_cfg(ctx), batch, model, queue_depth)
+    target, by = _decide(batch, model, queue_depth)
     if as_json:
         click.echo(json.dumps({"batch": batch, "target": target, "by": by}))
     else:
         click.echo(f"batch {batch:>6} -> {target} (by {by})")
 
 
-def _decide(cfg: Config, batch: int, model: int, queue_depth: int) -> tuple[str, str]:
-    """Ask through a running laked when there is one, else directly."""
-    req = {"op": "decide", "batch": batch, "model": model, "queue_depth": queue_depth}
-    try:
-        reply = ctl.call(cfg.sock_path, req, 10)
-    except ctl.NotRunning:
-        reply = None
-    if reply is not None:
-        if not reply.get("ok"):
-            _fail(str(reply.get("error")))
-        return str(reply["target"]), str(reply["by"])
-    from .genl import Control, ControlError, ModuleNotLoaded
-    try:
-        with Control() as c:
+def _decide(batch: int, model: int, queue_depth: int) -> tuple[str, str]:
+    from .genl import ControlError
+    with _control() as c:
+        try:
             d = c.decide(batch, model=model, queue_depth=queue_depth)
-    except (ModuleNotLoaded, ControlError) as e:
-        _fail(str(e))
-        raise AssertionError("unreachable") from e
+        except ControlError as e:
+            _fail(str(e))
+            raise AssertionError("unreachable") from e
     return d.target, d.by
 
 

@@ -154,10 +154,7 @@ class Daemon:
         op = req.get("op")
         if op == "status":
             return {"ok": True, "status": self.status()}
-        if op == "module_status":
-            with self.ctl_lock:
-                return {"ok": True, "module": self._require_control().status()}
-        if op not in ("policy_load", "policy_unload", "util", "stop", "decide", "cost"):
+        if op not in ("policy_load", "policy_unload", "util", "stop", "cost"):
             return {"ok": False, "error": f"unknown request {op!r}"}
         if peer.uid != 0:
             return {"ok": False, "error": f"{op} needs root (you are uid {peer.uid})"}
@@ -168,12 +165,6 @@ class Daemon:
             return {"ok": False, "error": str(e)}
 
     def _handle_admin(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
-        if op == "decide":
-            with self.ctl_lock:
-                d = self._require_control().decide(
-                    int(req["batch"]), model=int(req.get("model", 0)),
-                    queue_depth=int(req.get("queue_depth", 0)))
-            return {"ok": True, "target": d.target, "by": d.by}
         if op == "policy_load":
             defines = {str(k): str(v) for k, v in dict(req.get("defines") or {}).items()}
             loaded = self.policy.load(Path(str(req["path"])), defines)

@@ -41,17 +41,13 @@ class Record:
     values: list[int] = field(default_factory=list)
 
 
-def _read(path: Path) -> str:
-    return path.read_text()
-
-
 def load(name: str, root: Path = ROOT) -> Feature:
     d = root / name
     if not d.is_dir():
         raise FileNotFoundError(f"no feature {name!r} (is its kernel module loaded?)")
-    fields = [tuple(line.split()) for line in _read(d / "fields").splitlines() if line]
-    stats = dict(line.split() for line in _read(d / "stats").splitlines())
-    return Feature(name, [(f[0], f[1]) for f in fields], int(_read(d / "capacity")),
+    fields = [line.split() for line in (d / "fields").read_text().splitlines() if line]
+    stats = dict(line.split() for line in (d / "stats").read_text().splitlines())
+    return Feature(name, [(f[0], f[1]) for f in fields], int((d / "capacity").read_text()),
                    int(stats["captured"]), int(stats["dropped"]))
 
 

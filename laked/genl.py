@@ -57,6 +57,7 @@ _PACK = {"u8": "<B", "u16": "<H", "u32": "<I", "u64": "<Q"}
 ATTR_IDS: dict[str, int] = {k: v for k, v in abi.names_with_prefix("LAKE_ATTR_").items()
                             if k != "MAX"}
 ATTR_NAMES: dict[int, str] = {v: k for k, v in ATTR_IDS.items()}
+BY_NAMES: dict[int, str] = {v: k.lower() for k, v in abi.names_with_prefix("LAKE_BY_").items()}
 
 
 def attr_type(name: str) -> str:
@@ -150,8 +151,7 @@ class Decision:
 
     @property
     def by(self) -> str:
-        names = {v: k.lower() for k, v in abi.names_with_prefix("LAKE_BY_").items()}
-        return names.get(self.decided_by, str(self.decided_by))
+        return BY_NAMES.get(self.decided_by, str(self.decided_by))
 
 
 class Socket:

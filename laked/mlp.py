@@ -107,22 +107,19 @@ class FixedMLP:
         return a.astype(np.int32)
 
 
+def to_fixed(x: np.ndarray, frac: int) -> np.ndarray:
+    """Floats to saturated int32 with @frac fraction bits."""
+    return np.clip(np.rint(np.asarray(x, dtype=np.float64) * (1 << frac)),
+                   -2**31, 2**31 - 1).astype(np.int32)
+
+
 def quantize(weights: list[np.ndarray], biases: list[np.ndarray],
              frac: int = DEFAULT_FRAC) -> FixedMLP:
     """Float layers ([out, in] weights) to fixed point with @frac bits."""
-    scale = float(1 << frac)
-
-    def q(a: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(np.asarray(a, dtype=np.float64) * scale),
-                       -2**31, 2**31 - 1).astype(np.int32)
-    model = FixedMLP(frac, [q(w) for w in weights], [q(b) for b in biases])
+    model = FixedMLP(frac, [to_fixed(w, frac) for w in weights],
+                     [to_fixed(b, frac) for b in biases])
     model.check()
     return model
-
-
-def to_fixed(x: np.ndarray, frac: int) -> np.ndarray:
-    return np.clip(np.rint(np.asarray(x, dtype=np.float64) * (1 << frac)),
-                   -2**31, 2**31 - 1).astype(np.int32)
 
 
 def float_reference(weights: list[np.ndarray], biases: list[np.ndarray],

@@ -122,28 +122,21 @@ class Scheduler:
         return dt
 
     def state(self) -> tuple[str, float]:
-        """("lc" | "soon" | "idle", seconds until LC work is expected)."""
-        with self._lock:
-            active = self._lc_active
-        busy, until = self.plan()
-        if active:
-            return "lc", 0.0
-        return ("soon" if busy else "idle"), until
+        """("lc" | "soon" | "idle", seconds until LC work is expected; inf if not).
 
-    def plan(self) -> tuple[bool, float]:
-        """(contended, seconds until LC work is expected; inf if not)."""
+        "soon" is within ``lead_s`` of the predicted arrival; a prediction two
+        inter-arrival times overdue is dropped (LC went quiet).
+        """
         with self._lock:
             if self._lc_active:
-                return True, 0.0
-            if not self._lc_gap:
-                return False, float("inf")
-            until = self._lc_last_start + self._lc_gap - time.perf_counter()
-        if until < -2 * self._lc_gap:
-            return False, float("inf")      # overdue: LC went quiet
-        return until < self.knobs.lead_s, until
-
-    def contended(self) -> bool:
-        return self.plan()[0]
+                return "lc", 0.0
+            gap, last = self._lc_gap, self._lc_last_start
+        if not gap:
+            return "idle", float("inf")
+        until = last + gap - time.perf_counter()
+        if until < -2 * gap:
+            return "idle", float("inf")
+        return ("soon" if until < self.knobs.lead_s else "idle"), until
 
     def _idle_rows(self, room: float) -> int:
         k = self.knobs

@@ -58,45 +58,11 @@ def vm_section(rt: Any, feat: Any) -> list[str]:
 
 
 def gpu_section(d: Any) -> list[str]:
+    """dataplane_gpu.py writes its own table (copies, round trips, inference)."""
     if not d:
         return []
-    head = ["## On the device machine (laked's GPU executor via the user-space stand-in)", ""]
-    if "table_md" in d:     # dataplane_gpu.py writes its own table
-        return head + [d["table_md"].rstrip(), ""] + infer_table(d)
-    nr, lr = d["null_round_trip"], d["launch_round_trip"]
-    out = head + [
-           f"Device: {d['device']}; region registered with CUDA: {d['registered']}.", "",
-           "| what | lake median / p99 (us) | baseline median / p99 (us) | ratio median / p99 |",
-           "| --- | --- | --- | --- |",
-           f"| null request round trip vs pipe round trip to a thread | "
-           f"{f(nr['lake']['median_us'], 1)} / {f(nr['lake']['p99_us'], 1)} | "
-           f"{f(nr['pipe_thread_baseline']['median_us'], 1)} / "
-           f"{f(nr['pipe_thread_baseline']['p99_us'], 1)} | "
-           f"{f(nr['ratio']['median'])}x / {f(nr['ratio']['p99'])}x |",
-           f"| launch + synchronize through lake vs direct cuda-python | "
-           f"{f(lr['lake']['median_us'], 1)} / {f(lr['lake']['p99_us'], 1)} | "
-           f"{f(lr['direct']['median_us'], 1)} / {f(lr['direct']['p99_us'], 1)} | "
-           f"{f(lr['ratio']['median'])}x / {f(lr['ratio']['p99'])}x |", "",
-           "Copies through the registered region vs cuMemcpy from cuMemAllocHost memory "
-           "(each a synchronous request; time ratio, lower is better):", "",
-           "| bytes | HtoD lake GB/s | HtoD pinned GB/s | ratio | DtoH lake GB/s | "
-           "DtoH pinned GB/s | ratio |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for c in d["copies"]:
-        out.append(f"| {c['bytes']} | {f(c['lake_htod_GBps'])} | {f(c['pinned_htod_GBps'])} | "
-                   f"{f(c['htod_time_ratio']['median'])}x | {f(c['lake_dtoh_GBps'])} | "
-                   f"{f(c['pinned_dtoh_GBps'])} | {f(c['dtoh_time_ratio']['median'])}x |")
-    return out + [""] + infer_table(d)
-
-
-def infer_table(d: Any) -> list[str]:
-    out = ["GPU inference of the 31->256->2 MLP through LAKE_OP_INFER (one request "
-           "each, results checked against the CPU reference):", "",
-           "| batch | median (us) | p99 (us) | items/s |", "| --- | --- | --- | --- |"]
-    for r in d.get("infer_mlp_31_256_2", []):
-        out.append(f"| {r['batch']} | {f(r['median_us'], 1)} | {f(r['p99_us'], 1)} | "
-                   f"{r['items_per_s']:.3g} |")
-    out.append("")
-    return out
+    return ["## On the device machine (laked's GPU executor via the user-space stand-in)",
+            "", d["table_md"].rstrip(), ""]
 
 
 def crossover(feat: Any, gpu: Any) -> list[str]:
