@@ -102,8 +102,11 @@ def sched_section(d: Any, sweep: dict[str, Any]) -> list[str]:
             f"{a.get('lead_ms', 0.8)} ms of a predicted LC arrival. LC requests are paced by "
             "sleeping and then spinning the last 300 us; runs paced by sleep alone (in the "
             "sweep) show isolated LC p99 at 4-8x its median from wake-up jitter.", "",
-            "Sweep of the scheduler's knobs (one run each; lake rows only, static for "
-            "reference where the quota changes):", "",
+            "Sweep of the scheduler's knobs (one run each; lake and static rows). These runs "
+            "were taken while tuning, on earlier revisions of laked/sched/scheduler.py "
+            "(before the lead-window atoms and the GIL-yield fix for the first ones), so "
+            "they show the trade-off, not the submitted code; the table above is the "
+            "submitted code.", "",
             "| run | LC quota | busy rows | idle depth | lead (ms) | idle rows | soon rows | "
             "config | p50 ratio | p99 ratio | BE ratio |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
