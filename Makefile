@@ -37,6 +37,12 @@ bench-vm: module
 # On the device machine (GPU; no module loading there).
 bench-gpu:
 	python3 scripts/bench/dataplane_gpu.py
+	for lc in gemm conv attn; do \
+		python3 scripts/bench/sched_gpu.py --lc $$lc --stall-s 600 \
+			--out /tmp/lake-sched-$$lc.json || exit 1; done
+	python3 scripts/bench/sched_gpu.py --merge /tmp/lake-sched-gemm.json \
+		/tmp/lake-sched-conv.json /tmp/lake-sched-attn.json \
+		--out docs/bench/sched_gpu.json --plot docs/bench/sched_gpu.png
 
 clean:
 	@$(MAKE) -s -C kmod clean KVER=$(KVER) || true

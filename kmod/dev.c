@@ -37,6 +37,7 @@ static int lake_dev_release(struct inode *inode, struct file *f)
 	if (lake_server == f) {
 		lake_server = NULL;
 		lake_region_set_daemon_flags(0);
+		lake_region_clear_sched_delay();
 		lake_rpc_server_down();
 		pr_info("lake: laked stopped serving /dev/lake\n");
 	}
@@ -70,6 +71,8 @@ static int lake_dev_serve(struct file *f)
 		err = -EBUSY;
 	} else if (!lake_server) {
 		lake_server = f;
+		/* a value written before this laked served is not its delay */
+		lake_region_clear_sched_delay();
 		lake_rpc_server_up();
 		pr_info("lake: pid %d serves /dev/lake\n", task_tgid_nr(current));
 	}

@@ -72,6 +72,9 @@ static u32 lake_infer_choose(struct lake_model *m, u32 batch, u32 mode,
 		res->by = LAKE_BY_DISABLED;
 		return mode == LAKE_INFER_GPU ? LAKE_DECIDE_GPU : LAKE_DECIDE_CPU;
 	}
+	/* laked's arbiter knows how long kernel work waits on the GPU */
+	if (lake_daemon_connected())
+		ctx.queue_delay_us = lake_region_sched_delay_us();
 	return lake_decide(&ctx, &res->by);
 }
 

@@ -89,6 +89,9 @@ bool lake_sq_full(void);
 int lake_cq_pop(struct lake_cqe *cqe);
 void lake_region_reset_rings(void);
 void lake_region_set_daemon_flags(u32 flags);
+/* laked's header word sched_delay_us: 0 unless laked serves the region */
+u32 lake_region_sched_delay_us(void);
+void lake_region_clear_sched_delay(void);
 int lake_region_init(void);
 void lake_region_exit(void);
 

@@ -125,6 +125,26 @@ void lake_region_set_daemon_flags(u32 flags)
 	WRITE_ONCE(lake_rgn->hdr->daemon_flags, flags);
 }
 
+/*
+ * The arbiter's queue delay for kernel work, as laked last wrote it; 0 while
+ * nobody serves the region, whatever the mapping says.  Any u32 is a valid
+ * answer: it only feeds the policy's context.
+ */
+u32 lake_region_sched_delay_us(void)
+{
+	struct lake_region *r = READ_ONCE(lake_rgn);
+
+	if (!r || !lake_rpc_server_present())
+		return 0;
+	return READ_ONCE(r->hdr->sched_delay_us);
+}
+
+/* laked starts or stops serving: its delay must not outlive it. */
+void lake_region_clear_sched_delay(void)
+{
+	WRITE_ONCE(lake_rgn->hdr->sched_delay_us, 0);
+}
+
 static void lake_region_layout(struct lake_region *r)
 {
 	struct lake_region_hdr *h = r->base;

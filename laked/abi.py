@@ -27,7 +27,7 @@ STRUCTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lake_region_hdr": ("<IIQQQIIQQIIQQII", (
         "magic", "version", "size", "sq_ring_off", "sq_off", "sq_entries",
         "sqe_size", "cq_ring_off", "cq_off", "cq_entries", "cqe_size",
-        "heap_off", "heap_size", "daemon_flags", "_pad")),
+        "heap_off", "heap_size", "daemon_flags", "sched_delay_us")),
     "lake_sqe": ("<QIII4x10QQQ", ()),
     "lake_cqe": ("<Qi4x2Q", ()),
     "lake_region_info": ("<QI4x", ("size", "version")),

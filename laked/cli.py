@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from . import ctl, sysfs
-from .config import DEFAULT_RUN_DIR, Config
+from .config import DEFAULT_CONFIG, DEFAULT_RUN_DIR, Config, ConfigError
 
 log = logging.getLogger("laked")
 
@@ -124,22 +124,53 @@ def _daemonize(cfg: Config, verbose: bool) -> None:
 @click.option("--executor", type=click.Choice(["auto", "gpu", "cpu"]), default="auto",
               show_default=True,
               help="Who carries out requests: gpu (CUDA), cpu, or gpu when one works.")
+@click.option("--no-module", is_flag=True,
+              help="Serve user clients (RUN_DIR/lake.sock) and the repository only: no "
+                   "lake.ko, no /dev/lake, no netlink or BCC.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help=f"Configuration file (TOML) [default: {DEFAULT_CONFIG}, if it exists].")
 @click.pass_context
-def start(ctx: click.Context, background: bool, executor: str) -> None:
-    """Register with lake.ko and serve it (foreground unless --daemon).
+def start(ctx: click.Context, background: bool, executor: str, no_module: bool,
+          config_file: str | None) -> None:
+    """Register with lake.ko and serve it and user clients (foreground unless --daemon).
+
+    User programs connect through the lake library (lake.Client) on
+    RUN_DIR/lake.sock; the configuration file sets their per-uid quotas,
+    the kernel's tenant and the model repository.
 
     \b
     Examples:
       laked start              # foreground, logs on stderr, Ctrl-C stops
       laked start --daemon     # background, log in RUN_DIR/laked.log
       laked start --executor cpu
+      laked start --no-module --executor gpu     # GPU machine without lake.ko
+      laked start --config /etc/lake/laked.toml
+
+    \b
+    A configuration file (every key optional):
+      [kernel]
+      class = "LC"             # the kernel's tenant: LC or BE
+      [repository]
+      path = "/var/lib/lake/repo"
+      [quota.default]
+      classes = ["BE"]
+      max_sms = 64
+      [quota.uid.1000]
+      classes = ["LC", "BE"]
     """
-    _need_root("laked start")
-    cfg = _cfg(ctx)
-    cfg.executor = executor
-    if not sysfs.loaded():
+    if os.geteuid() != 0:
+        _fail("laked start needs root (it serves every user's clients; with lake.ko, "
+              "its netlink commands need CAP_NET_ADMIN)")
+    try:
+        cfg = Config.load(Path(config_file) if config_file else None,
+                          run_dir=Path(ctx.obj["run_dir"]), executor=executor,
+                          module=not no_module)
+    except ConfigError as e:
+        _fail(str(e))
+        raise AssertionError("unreachable") from e
+    if cfg.module and not sysfs.loaded():
         _fail("lake.ko is not loaded (/sys/kernel/lake is missing); "
-              "run: insmod kmod/lake.ko")
+              "run: insmod kmod/lake.ko (or serve user clients only: laked start --no-module)")
     pid = _running_pid(cfg)
     if pid is not None:
         _fail(f"laked is already running (pid {pid})")
@@ -252,8 +283,11 @@ def _print_status(out: dict[str, Any]) -> None:
         click.echo("laked:     not running")
         return
     pol = d.get("policy")
-    click.echo(f"laked:     pid {d['pid']}, up {d['uptime_s']}s, executor {d['executor']}, "
-               f"module {'connected' if d['module_connected'] else 'waiting'}")
+    module = ("not used (--no-module)" if d.get("mode") == "no-module"
+              else "connected" if d["module_connected"] else "waiting")
+    executor = d["executor"] or "one per client"
+    click.echo(f"laked:     pid {d['pid']}, up {d['uptime_s']}s, executor {executor}, "
+               f"module {module}")
     dp = d.get("dataplane")
     if dp:
         reg = dp.get("region_copies") or (
@@ -268,6 +302,42 @@ def _print_status(out: dict[str, Any]) -> None:
     click.echo(f"  policy:  {pol['name'] + ' (' + pol['path'] + ')' if pol else 'none'}")
     util = d["gpu_util"]
     click.echo(f"  gpu_util: {util['value']}% ({util['source']})")
+    delay = d.get("sched_delay_us")
+    if delay:
+        click.echo(f"  sched_delay: {delay['value']} us ({delay['source']})")
+    _print_arbiter(d.get("arbiter"), d.get("clients") or [])
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _print_arbiter(arb: dict[str, Any] | None, clients: list[dict[str, Any]]) -> None:
+    if not arb:
+        return
+    why = f" ({arb['why']})" if arb.get("why") else ""
+    sms = f", {arb['total_sms']} SMs" if arb.get("total_sms") else ""
+    click.echo(f"  arbiter: {arb['device']}{sms}{why}; queue delay "
+               f"{arb.get('queue_delay_us', 0)} us, gates reopened by the watchdog "
+               f"{arb.get('gates_forced_open', 0)}")
+    for t in arb.get("tenants", []):
+        click.echo(f"  tenant {t['name']} [{t['class']} {t['kind']} uid {t['uid']}]: "
+                   f"{t['sms'] or 'cpu'} SMs ({t.get('partition', '-')}), requests "
+                   f"{t['requests']}, p50 {_fmt(t['p50_ms'])} ms, p99 {_fmt(t['p99_ms'])} ms, "
+                   f"atoms {t['atoms']}, items {t['items']}, energy {t['energy_j']:.1f} J")
+    for r in arb.get("rightsizing", []):
+        click.echo(f"  right-size {r['kernel']}: {r['sms']} SMs; l(t)={r['m_us_sm']:.0f}/t"
+                   f"+{r['b_us']:.0f} us, fit error {_fmt(r['fit_error'], '.1%')}, "
+                   f"predictions {r['predictions']}, misses {r['misses']} (>50 us), mean "
+                   f"error {r['mean_abs_err_us']:.0f} us")
+    adv = (arb.get("power") or {}).get("advice")
+    if adv:
+        click.echo(f"  power (advice only): {adv['advised_mhz']} MHz of {adv['f_max_mhz']} "
+                   f"for <= {adv['predicted_slowdown']:.1%} slowdown, about "
+                   f"{adv['predicted_energy_saving']:.0%} less energy")
+    for c in clients:
+        click.echo(f"  client {c['tenant']} (pid {c['pid']}, uid {c['uid']}): "
+                   f"{c.get('device_bytes', 0) >> 20} MiB on the device")
 
 
 @main.group()
@@ -348,6 +418,55 @@ def util_auto(ctx: click.Context) -> None:
     """
     reply = _call(_cfg(ctx), {"op": "util", "value": None})
     click.echo(f"laked: gpu_util measured ({reply['source']}): {reply['gpu_util']}%")
+
+
+SCHED_DELAY_MAX_US = 10_000_000     # laked/daemon.py checks it too, for other clients
+
+
+@main.group("sched")
+def sched_group() -> None:
+    """The GPU arbiter as kernel policies see it."""
+
+
+@sched_group.group("delay")
+def sched_delay() -> None:
+    """Pin or unpin the queue delay for kernel work that policies read
+    (context queue_delay_us, e.g. ebpf/contended.bpf.c)."""
+
+
+# ignore_unknown_options: "-1" reaches the range check instead of "no such option"
+@sched_delay.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("us", metavar="MICROSECONDS", type=click.IntRange(0, SCHED_DELAY_MAX_US))
+@click.pass_context
+def sched_delay_set(ctx: click.Context, us: int) -> None:
+    """Pin the queue delay kernel work sees at MICROSECONDS (0..10000000),
+    e.g. to test a policy or to keep kernel work off a GPU you know is busy.
+
+    \b
+    Examples:
+      laked sched delay set 5000     # contended.bpf.c (DELAY_MAX_US=2000) -> CPU
+      laked sched delay set 0
+    """
+    if os.geteuid() != 0:
+        _fail("laked sched delay set needs root (it changes what policies decide)")
+    _call(_cfg(ctx), {"op": "sched_delay", "value": us})
+    click.echo(f"laked: sched delay pinned at {us} us")
+
+
+@sched_delay.command("auto")
+@click.pass_context
+def sched_delay_auto(ctx: click.Context) -> None:
+    """Report the arbiter's own queue delay again (0 without an arbiter).
+
+    \b
+    Example:
+      laked sched delay auto
+    """
+    if os.geteuid() != 0:
+        _fail("laked sched delay auto needs root (it changes what policies decide)")
+    reply = _call(_cfg(ctx), {"op": "sched_delay", "value": None})
+    click.echo(f"laked: sched delay automatic: {reply['sched_delay_us']} us "
+               f"({reply['source']})")
 
 
 def _control() -> Any:
@@ -468,20 +587,27 @@ def cost_auto(ctx: click.Context, model_id: int) -> None:
 @main.command()
 @click.option("--interval", type=click.FloatRange(0.1, 60), default=1.0, show_default=True)
 @click.option("--count", type=click.IntRange(0), default=0, help="Stop after N screens (0: never).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per screen.")
 @click.pass_context
-def top(ctx: click.Context, interval: float, count: int) -> None:
-    """Live rates: decisions, laked requests, per-model runs, per-feature captures.
+def top(ctx: click.Context, interval: float, count: int, as_json: bool) -> None:
+    """Live per-tenant view of the GPU arbiter, then lake.ko's and laked's counters.
+
+    Per tenant: class, kind, SMs it runs on, requests/s, items/s (throughput),
+    atoms/s, p50/p99 latency (recent requests), watts and joules (its share of
+    the GPU's energy counter).
 
     \b
     Examples:
       laked top
       laked top --interval 5 --count 3
+      laked top --count 1 --json | jq '.tenants[] | {name, p99_ms}'
     """
     from . import features as feats
     cfg = _cfg(ctx)
 
-    def snap() -> dict[str, float]:
+    def snap() -> tuple[dict[str, float], list[dict[str, Any]]]:
         out: dict[str, float] = {}
+        tenants: list[dict[str, Any]] = []
         if sysfs.loaded():
             out.update({f"lake.{k}": v for k, v in sysfs.stats().items()})
         for m in sysfs.models():
@@ -496,21 +622,58 @@ def top(ctx: click.Context, interval: float, count: int) -> None:
             for k in ("requests", "errors"):
                 if k in srv:
                     out[f"laked.{k}"] = srv[k]
+            tenants = list((st.get("arbiter") or {}).get("tenants") or [])
         except ctl.NotRunning:
             pass
-        return out
+        return out, tenants
 
-    prev, shown = snap(), 0
+    (prev, prev_t), shown = snap(), 0
     while count == 0 or shown < count:
         time.sleep(interval)
-        cur = snap()
-        click.echo(f"--- {time.strftime('%H:%M:%S')}  (per second over {interval:g}s)")
-        for key in sorted(cur):
-            if key.endswith("_ns"):
-                continue
-            rate = (cur[key] - prev.get(key, 0)) / interval
-            click.echo(f"  {key:<40} {cur[key]:>14.0f} {rate:>12.1f}/s")
-        prev, shown = cur, shown + 1
+        cur, cur_t = snap()
+        rows = _tenant_rates(prev_t, cur_t, interval)
+        if as_json:
+            click.echo(json.dumps({"time": time.time(), "interval_s": interval,
+                                   "tenants": rows, "counters": cur}, sort_keys=True))
+        else:
+            click.echo(f"--- {time.strftime('%H:%M:%S')}  (per second over {interval:g}s)")
+            _print_tenant_rows(rows)
+            for key in sorted(cur):
+                if key.endswith("_ns"):
+                    continue
+                rate = (cur[key] - prev.get(key, 0)) / interval
+                click.echo(f"  {key:<40} {cur[key]:>14.0f} {rate:>12.1f}/s")
+        prev, prev_t, shown = cur, cur_t, shown + 1
+
+
+def _tenant_rates(prev: list[dict[str, Any]], cur: list[dict[str, Any]],
+                  interval: float) -> list[dict[str, Any]]:
+    """Per-tenant rates between two arbiter snapshots (a new tenant counts from 0)."""
+    before = {t["name"]: t for t in prev}
+    rows = []
+    for t in cur:
+        p = before.get(t["name"], {})
+        d = {k: (t.get(k, 0) - p.get(k, 0)) / interval
+             for k in ("requests", "items", "atoms", "energy_j")}
+        rows.append({"name": t["name"], "class": t["class"], "kind": t["kind"],
+                     "sms": t["sms"], "requests_per_s": d["requests"],
+                     "items_per_s": d["items"], "atoms_per_s": d["atoms"],
+                     "watts": d["energy_j"], "energy_j": t["energy_j"],
+                     "p50_ms": t["p50_ms"], "p99_ms": t["p99_ms"]})
+    return rows
+
+
+def _print_tenant_rows(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        click.echo("  (no tenants: laked not running, or nothing registered)")
+        return
+    click.echo(f"  {'TENANT':<28} {'CLASS':<5} {'KIND':<6} {'SMS':>4} {'REQ/s':>8} "
+               f"{'ITEMS/s':>9} {'ATOMS/s':>8} {'P50ms':>7} {'P99ms':>7} {'W':>6} {'J':>9}")
+    for r in rows:
+        click.echo(f"  {r['name'][:28]:<28} {r['class']:<5} {r['kind']:<6} {r['sms'] or 0:>4} "
+                   f"{r['requests_per_s']:>8.1f} {r['items_per_s']:>9.1f} "
+                   f"{r['atoms_per_s']:>8.1f} {_fmt(r['p50_ms']):>7} {_fmt(r['p99_ms']):>7} "
+                   f"{r['watts']:>6.1f} {r['energy_j']:>9.1f}")
 
 
 @main.group()
@@ -586,6 +749,168 @@ def _decide(batch: int, model: int, queue_depth: int) -> tuple[str, str]:
             _fail(str(e))
             raise AssertionError("unreachable") from e
     return d.target, d.by
+
+
+# ---------------------------------------------------------------- repo (hosted models, jobs)
+# Through the lake client library (the client socket carries the file as an
+# open descriptor, so laked never opens a path a user names); imported inside
+# each command so the rest of the CLI does not depend on it.
+
+def _repo_client(ctx: click.Context) -> Any:
+    import lake
+    return lake.Client(_cfg(ctx).client_sock_path, name="laked-repo", cls="BE")
+
+
+def _repo_do(ctx: click.Context, what: Any) -> dict[str, Any]:
+    """Run ``what(client)`` and return its reply; errors become one clear line."""
+    import lake
+    try:
+        with _repo_client(ctx) as c:
+            reply = what(c)
+    except lake.NotRunning as e:
+        _fail(f"{e}; start it with: laked start --daemon")
+        raise AssertionError("unreachable") from e
+    except lake.ClientError as e:
+        _fail(str(e))
+        raise AssertionError("unreachable") from e
+    if isinstance(reply, dict) and reply.get("ok") is False:
+        _fail(str(reply.get("error", "request failed")))
+    return reply if isinstance(reply, dict) else {}
+
+
+@main.group("repo")
+def repo_group() -> None:
+    """Hosted models and best-effort jobs in laked's repository (admins change it).
+
+    \b
+    Examples:
+      laked repo add model resnet resnet.pt --class LC --max-batch 32
+      laked repo add job nightly train.py
+      laked repo list
+      laked repo remove model resnet
+    """
+
+
+@repo_group.group("add")
+def repo_add() -> None:
+    """Add a model or a job (root or a member of the admin group)."""
+
+
+def _given(**opts: Any) -> dict[str, Any]:
+    """The options given on the command line; laked's defaults fill the rest."""
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+@repo_add.command("model")
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--class", "cls", type=click.Choice(["LC", "BE"]),
+              help="Latency-critical or best-effort (laked's default: BE).")
+@click.option("--quota-sms", type=click.IntRange(0), help="Guaranteed SMs (0: the whole GPU).")
+@click.option("--priority", type=int, help="Order among tenants of its class (higher first).")
+@click.option("--max-batch", type=click.IntRange(1), help="Largest batch a request may send.")
+@click.option("--dtype", help="What inputs are cast to (float32, float16, bfloat16, int64, ...).")
+@click.option("--warmup/--no-warmup", default=None,
+              help="One discarded run inside the first request (default: on).")
+@click.pass_context
+def repo_add_model(ctx: click.Context, name: str, file: str, cls: str | None,
+                   quota_sms: int | None, priority: int | None, max_batch: int | None,
+                   dtype: str | None, warmup: bool | None) -> None:
+    """Add FILE (TorchScript from torch.jit.save, or torch.export.save's .pt2) as
+    model NAME; laked loads it at once and says whether it is ready.
+
+    \b
+    Examples:
+      laked repo add model mlp mlp.pt
+      laked repo add model resnet resnet.pt2 --class LC --quota-sms 24 --max-batch 32
+      laked repo add model bert bert.pt --dtype int64 --no-warmup
+    """
+    config = _given(**{"class": cls, "quota_sms": quota_sms,
+                       "priority": priority, "max_batch": max_batch, "dtype": dtype,
+                       "warmup": warmup})
+    path = str(Path(file).resolve())
+    reply = _repo_do(ctx, lambda c: c.repo_add("model", name, path, config))
+    fmt = f" ({reply['format']})" if reply.get("format") else ""
+    click.echo(f"laked: model {name}{fmt} added, {reply.get('state', 'added')}")
+
+
+@repo_add.command("job")
+@click.argument("name")
+@click.argument("file", metavar="FILE.py", type=click.Path(exists=True, dir_okay=False))
+@click.option("--class", "cls", type=click.Choice(["BE"]),
+              help="Hosted jobs are best-effort (BE).")
+@click.option("--quota-sms", type=click.IntRange(0), help="Guaranteed SMs (0: the whole GPU).")
+@click.option("--priority", type=int, help="Order among best-effort tenants (higher first).")
+@click.pass_context
+def repo_add_job(ctx: click.Context, name: str, file: str, cls: str | None,
+                 quota_sms: int | None, priority: int | None) -> None:
+    """Add FILE.py (it defines run(ctx) and returns once ctx.stop is set) as job
+    NAME; clients start it, and it runs inside laked on a best-effort partition.
+
+    \b
+    Examples:
+      laked repo add job nightly train.py
+      laked repo add job embed embed_batch.py --quota-sms 48
+    """
+    config = _given(**{"class": cls, "quota_sms": quota_sms, "priority": priority})
+    path = str(Path(file).resolve())
+    _repo_do(ctx, lambda c: c.repo_add("job", name, path, config))
+    click.echo(f"laked: job {name} added")
+
+
+def _ms(v: Any) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+@repo_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def repo_list(ctx: click.Context, as_json: bool) -> None:
+    """Show hosted models (state, load errors, latency) and jobs (who runs them).
+
+    \b
+    Examples:
+      laked repo list
+      laked repo list --json | jq '.models[] | select(.state == "failed")'
+    """
+    data = _repo_do(ctx, lambda c: c.models())
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    models, jobs = data.get("models", []), data.get("jobs", [])
+    if data.get("error"):
+        click.echo(f"repository: {data['error']}")
+    click.echo(f"{'MODEL':<20} {'CLASS':<5} {'FORMAT':<11} {'STATE':<7} {'BATCH':>6} "
+               f"{'REQS':>8} {'P50MS':>8} {'P99MS':>8}")
+    for m in models:
+        click.echo(f"{m['name']:<20} {m.get('class') or '-':<5} {m.get('format') or '-':<11} "
+                   f"{m['state']:<7} {m.get('max_batch') or '-':>6} {m.get('requests', 0):>8} "
+                   f"{_ms(m.get('p50_ms')):>8} {_ms(m.get('p99_ms')):>8}")
+        if m.get("error"):
+            click.echo(f"    {m['error']}")
+    click.echo(f"\n{'JOB':<20} {'CLASS':<5} {'STATE':<10} {'OWNER':<16} {'ITEMS':>10}")
+    for j in jobs:
+        state = str(j["state"]).split(":", 1)[0]
+        click.echo(f"{j['name']:<20} {j.get('class') or '-':<5} {state:<10} "
+                   f"{j.get('owner') or '-':<16} {j.get('items', 0):>10}")
+        if j.get("error"):
+            click.echo(f"    {j['error']}")
+
+
+@repo_group.command("remove")
+@click.argument("kind", type=click.Choice(["model", "job"]))
+@click.argument("name")
+@click.pass_context
+def repo_remove(ctx: click.Context, kind: str, name: str) -> None:
+    """Remove model or job NAME (a model stops serving; a job's runs stop first).
+
+    \b
+    Examples:
+      laked repo remove model resnet
+      laked repo remove job nightly
+    """
+    _repo_do(ctx, lambda c: c.repo_remove(kind, name))
+    click.echo(f"laked: {kind} {name} removed")
 
 
 if __name__ == "__main__":

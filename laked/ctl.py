@@ -73,6 +73,15 @@ def call(path: Path, request: dict[str, Any], timeout: float = 120.0) -> dict[st
         return recv_msg(conn)
 
 
+def close_listener(sock: socket.socket) -> None:
+    """Wake the thread blocked in accept() on ``sock`` and close it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 class Server:
     """Accepts control connections on a thread; one handler call each."""
 
@@ -93,11 +102,7 @@ class Server:
 
     def close(self) -> None:
         self._stopping = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        close_listener(self.sock)
         if self.path.exists():
             self.path.unlink()
 

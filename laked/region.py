@@ -40,7 +40,8 @@ _CQE = struct.Struct(abi.STRUCTS["lake_cqe"][0])
 _RING = struct.Struct(abi.STRUCTS["lake_ring"][0])
 _U32 = struct.Struct("<I")
 _RING_TAIL_OFF = 64          # struct lake_ring: head at 0, tail on the next cache line
-_DAEMON_FLAGS_OFF = _HDR.size - 8
+_DAEMON_FLAGS_OFF = _HDR.size - 8   # the header's last two u32s
+_SCHED_DELAY_US_OFF = _HDR.size - 4
 
 SQE_SIZE = _SQE.size
 CQE_SIZE = _CQE.size
@@ -161,7 +162,7 @@ def read_layout(buf: object) -> Layout:
     if len(mv) < HDR_SIZE:
         raise RegionError(f"buffer of {len(mv)} bytes is smaller than the region header")
     (magic, version, size, sq_ring_off, sq_off, sq_entries, sqe_size, cq_ring_off,
-     cq_off, cq_entries, cqe_size, heap_off, heap_size, _flags, _pad) = _HDR.unpack_from(mv, 0)
+     cq_off, cq_entries, cqe_size, heap_off, heap_size, _flags, _delay) = _HDR.unpack_from(mv, 0)
     if magic != abi.LAKE_REGION_MAGIC:
         raise RegionError(f"bad region magic {magic:#010x} (want {abi.LAKE_REGION_MAGIC:#010x}):"
                           " not a lake region, or the mapping is at the wrong offset")
@@ -267,6 +268,17 @@ class Region:
     @daemon_flags.setter
     def daemon_flags(self, flags: int) -> None:
         self._store(_DAEMON_FLAGS_OFF, flags)
+
+    @property
+    def sched_delay_us(self) -> int:
+        """The arbiter's queue delay for kernel work (µs), as policies see it."""
+        return self._load(_SCHED_DELAY_US_OFF)
+
+    @sched_delay_us.setter
+    def sched_delay_us(self, us: int) -> None:
+        if not 0 <= us <= U32:
+            raise ValueError(f"sched_delay_us {us} does not fit a u32")
+        self._store(_SCHED_DELAY_US_OFF, us)
 
     # -- heap -------------------------------------------------------------------
     def in_heap(self, off: int, length: int) -> bool:

@@ -5,10 +5,18 @@ answers ``(CUresult, ret0, ret1)``, or ``None`` when the completion must
 wait (it then comes back later through ``reap()``).  Nothing raises out of
 ``execute``: bad handles, bad offsets and surprises all become CUresults,
 because a kernel caller is waiting for an answer and laked must go on.
+
+Device memory can be metered per executor (laked's user clients: per uid,
+through laked.tenants.MemoryLedger): ``mem_charge(n)`` is asked before a
+MEM_ALLOC reaches the handler and may refuse it (CUDA_ERROR_OUT_OF_MEMORY);
+``mem_release(n)`` gives bytes back on MEM_FREE, SESSION_CLOSE and
+``close()``.  This happens here, around every executor's handlers, so the
+CPU and GPU executors are metered alike.
 """
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import logging
 from abc import ABC
@@ -108,11 +116,31 @@ class Executor(ABC):
     wake_fd: int | None = None
     # Why this executor was chosen (auto falling back to the CPU says why).
     why: str = ""
+    # Device-memory metering (None: unlimited); see the module docstring.
+    mem_charge: Callable[[int], bool] | None = None
+    mem_release: Callable[[int], None] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Executors that override close() without calling ours (the GPU's
+        # frees its sessions itself) must still give their charges back.
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("close")
+        if own is not None and not getattr(own, "_releases_charges", False):
+            @functools.wraps(own)
+            def close(self: "Executor") -> None:
+                try:
+                    own(self)
+                finally:
+                    self.release_charges()
+            close._releases_charges = True  # type: ignore[attr-defined]
+            cls.close = close  # type: ignore[method-assign]
 
     def __init__(self, region: Region) -> None:
         self.region = region
         self.registered = False
         self.sessions: dict[int, Session] = {}
+        # session -> dptr -> bytes charged through mem_charge
+        self._charged: dict[int, dict[int, int]] = {}
         self._handles = itertools.count(1)
         self._handlers: dict[int, Handler] = {}
         self._models: dict[tuple[int, int], FixedMLP] = {}
@@ -123,6 +151,67 @@ class Executor(ABC):
 
     # -- the server's interface -------------------------------------------
     def execute(self, sqe: Sqe) -> Completion | None:
+        op = sqe.op
+        if op == abi.LAKE_OP_MEM_ALLOC and self.mem_charge is not None:
+            return self._metered_alloc(sqe)
+        if op == abi.LAKE_OP_MEM_FREE and self._charged:
+            return self._metered_free(sqe)
+        if op == abi.LAKE_OP_SESSION_CLOSE and self._charged:
+            res = self._dispatch(sqe)
+            self._give_back(sum(self._charged.pop(sqe.session, {}).values()))
+            return res
+        return self._dispatch(sqe)
+
+    def _metered_alloc(self, sqe: Sqe) -> Completion | None:
+        n = sqe.args[0]
+        if n:                               # size 0: the handler says INVALID_VALUE
+            try:
+                ok = self.mem_charge is not None and self.mem_charge(n)
+            except Exception:  # noqa: BLE001 - a caller is waiting: refuse, do not hang it
+                log.exception("mem_charge(%d) failed; refusing the allocation", n)
+                ok = False
+            if not ok:
+                log.debug("mem_alloc of %d bytes (session %d) refused: device-memory quota",
+                          n, sqe.session)
+                return (abi.LAKE_CUDA_ERROR_OUT_OF_MEMORY, 0, 0)
+        res = self._dispatch(sqe)
+        if n and res is not None and res[0] == abi.LAKE_CUDA_SUCCESS:
+            self._charged.setdefault(sqe.session, {})[res[1]] = n
+        elif n:
+            # Failed (or deferred, which no executor does for an alloc: it
+            # could not be matched to its pointer): nothing stays charged.
+            self._give_back(n)
+        return res
+
+    def _metered_free(self, sqe: Sqe) -> Completion | None:
+        held = self._charged.get(sqe.session)
+        n = held.get(sqe.args[0]) if held else None
+        res = self._dispatch(sqe)
+        if n is not None and res is not None and res[0] == abi.LAKE_CUDA_SUCCESS:
+            assert held is not None
+            del held[sqe.args[0]]
+            if not held:
+                del self._charged[sqe.session]
+            self._give_back(n)
+        return res
+
+    def _give_back(self, nbytes: int) -> None:
+        if nbytes and self.mem_release is not None:
+            try:
+                self.mem_release(nbytes)
+            except Exception:  # noqa: BLE001 - bookkeeping must not fail a request
+                log.exception("mem_release(%d) failed", nbytes)
+
+    def release_charges(self) -> None:
+        """Give back everything still charged (the executor is closing)."""
+        charged, self._charged = self._charged, {}
+        self._give_back(sum(sum(a.values()) for a in charged.values()))
+
+    def charged_bytes(self) -> int:
+        """Device bytes currently charged through ``mem_charge``."""
+        return sum(sum(a.values()) for a in self._charged.values())
+
+    def _dispatch(self, sqe: Sqe) -> Completion | None:
         handler = self._handlers.get(sqe.op)
         if handler is None:
             return (abi.LAKE_CUDA_ERROR_NOT_SUPPORTED, 0, 0)
@@ -154,6 +243,7 @@ class Executor(ABC):
     def close(self) -> None:
         """Free every session's objects and what the executor holds."""
         self.sessions.clear()
+        self.release_charges()
 
     # -- helpers for subclasses ------------------------------------------
     def session(self, sid: int) -> Session:

@@ -1,6 +1,10 @@
-"""laked's GPU arbiter (LithOS-style): partitions, tenants, atoms, scheduling.
+"""laked's GPU arbiter (LithOS-style): tenants, partitions, gates, atoms.
 
-Runs where the GPU is (cuda-python; torch for the op-level atomizer).
-Nothing here is imported by laked's control plane, so laked still starts
-on machines without a GPU.
+- ``base``: the arbiter interface and the CPU arbiter (no GPU needed);
+- ``arbiter``: the GPU arbiter (torch, cuda-python), with ``gate`` (GPU-side
+  gates), ``pacer`` and ``opmode`` (BE atoms), ``partition`` (green
+  contexts), ``rightsize`` (l(t) = m/t + b), ``power`` (advise-only DVFS),
+  ``atoms``/``kernel_atoms`` (row ops, NVRTC block ranges), ``fast``.
+Nothing here is imported by laked's control plane unless a GPU is used, so
+laked still starts on machines without one.
 """

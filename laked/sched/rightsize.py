@@ -9,6 +9,7 @@ miss, and the miss rate and mean error go to laked status.
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,12 +20,16 @@ MISS_S = 50e-6
 @dataclass
 class KernelModel:
     name: str
-    points: list[tuple[int, float]] = field(default_factory=list)   # (sms, seconds)
+    points: collections.deque[tuple[int, float]] = field(
+        default_factory=lambda: collections.deque(maxlen=256))   # (sms, seconds), recent
     m: float = 0.0
     b: float = 0.0
     predictions: int = 0
     misses: int = 0
     abs_err_s: float = 0.0
+    # least-squares sums over every observation, x = 1/t: O(1) per request
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5)   # n, sx, sxx, sy, sxy
+    _sizes: set[int] = field(default_factory=set)
 
     def observe(self, sms: int, seconds: float) -> None:
         if self.fitted:
@@ -33,21 +38,25 @@ class KernelModel:
             self.abs_err_s += err
             self.misses += err > MISS_S
         self.points.append((sms, seconds))
-        self.points = self.points[-256:]
-        self._fit()
+        x = 1.0 / sms
+        for i, v in enumerate((1.0, x, x * x, seconds, x * seconds)):
+            self._sums[i] += v
+        self._sizes.add(sms)
+        if self.fitted:
+            self._fit()
 
     @property
     def fitted(self) -> bool:
-        return len({t for t, _ in self.points}) >= 2
+        return len(self._sizes) >= 2
 
     def _fit(self) -> None:
-        if not self.fitted:
+        n, sx, sxx, sy, sxy = self._sums
+        det = n * sxx - sx * sx
+        if det <= 0:
             return
-        t = np.array([p[0] for p in self.points], dtype=float)
-        lat = np.array([p[1] for p in self.points])
-        a = np.vstack([1.0 / t, np.ones_like(t)]).T
-        (m, b), *_ = np.linalg.lstsq(a, lat, rcond=None)
-        self.m, self.b = max(float(m), 0.0), max(float(b), 0.0)
+        m = (n * sxy - sx * sy) / det
+        b = (sy - m * sx) / n
+        self.m, self.b = max(m, 0.0), max(b, 0.0)
 
     def predict(self, sms: int) -> float:
         return self.m / sms + self.b

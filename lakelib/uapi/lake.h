@@ -198,6 +198,14 @@ struct lake_ring {
 	__u32 __pad1[15];
 };
 
+/*
+ * The region's header.  The kernel writes the layout; laked writes
+ * daemon_flags and sched_delay_us, which the kernel only reads (and zeroes
+ * when laked stops serving, so no stale value outlives it).
+ * sched_delay_us: how long work from the kernel currently waits on the GPU
+ * (the queue delay of the kernel's partition in laked's arbiter), in
+ * microseconds; lake_infer() hands it to the policy as queue_delay_us.
+ */
 struct lake_region_hdr {
 	__u32 magic;
 	__u32 version;
@@ -213,7 +221,7 @@ struct lake_region_hdr {
 	__u64 heap_off;		/* buffers: lake_cuMemAllocHost, payloads */
 	__u64 heap_size;
 	__u32 daemon_flags;	/* LAKE_DAEMON_F_*, written by laked */
-	__u32 __pad;
+	__u32 sched_delay_us;	/* laked: kernel work's GPU queue delay */
 };
 
 #define LAKE_DAEMON_F_REGISTERED	(1U << 0)	/* cuMemHostRegister ok */

@@ -1,22 +1,28 @@
 #!/usr/bin/env python3
 """LC tail next to BE work, side by side in one run (device machine).
 
-LC: 16 dependent bf16 GEMMs ([512x4096].[4096x4096] + ReLU) per request,
-arriving every --period-ms (open loop: a late request starts at once).
-BE: a loop of 8192^3 bf16 GEMMs.  Configurations:
-  isolated-lc, isolated-be, shared (two streams, LC high priority: the
-  MPS-like baseline), static (green contexts: LC quota / the rest), lake
-  (laked.sched: LC on the whole GPU, BE atoms adaptive in size and place).
-Reports LC p50/p99 and their ratio to isolated, BE throughput ratio to
-solo, energy per LC request (NVML), and the scheduler's own cost (LC alone
-through the scheduler vs direct).  GC paused while measuring.
-Writes docs/bench/sched_gpu.json.
+For every LC x BE pair (scripts/bench/workloads.py), in one process:
+  isolated-lc  LC alone, direct, on a high-priority stream
+  isolated-be  BE alone, direct (the solo throughput)
+  shared       both direct on two streams, LC high priority (the MPS-like baseline)
+  static       green contexts: LC on --quota-sms SMs, BE on the rest
+  lake         laked's GpuArbiter: LC through run_lc, BE inside arb.be() (atoms, gates)
+and once per LC workload: lake-lc-alone (LC through the arbiter, nothing else:
+the scheduler's own cost).  LC requests arrive every --period-ms (open loop,
+paced by sleep + a short spin); LC work is a CUDA graph replay in every
+config except static (a graph replays on the whole GPU whatever stream it
+is launched on, so static runs LC eagerly and is compared with an eager
+isolated run).  GC is paused while measuring.  Reports LC p50/p99 and their
+ratios to isolated, BE throughput ratio to solo, LC goodput (share within
+1.25x isolated p99), GPU energy per LC request (BE's included), per-tenant
+energy (lake), and writes JSON (+ a plot with --plot).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import threading
@@ -24,17 +30,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")     # as laked sets it
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "python")]
+sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "scripts" / "bench")]
 
-import torch  # noqa: E402
+if "--merge" not in sys.argv:
+    import faulthandler
 
-from laked.sched import atoms  # noqa: E402
-from laked.sched.partition import Partitions  # noqa: E402
-from laked.sched.scheduler import Knobs, Scheduler  # noqa: E402
+    import torch
 
-DEV = "cuda"
-BF = torch.bfloat16
+    import workloads as W
+    from laked.sched.arbiter import GpuArbiter
+    from laked.tenants import TenantSpec
+
+SLO_X = 1.25
 
 
 class Energy:
@@ -43,7 +52,7 @@ class Energy:
             import pynvml
             pynvml.nvmlInit()
             self.h = pynvml.nvmlDeviceGetHandleByIndex(0)
-            self.nv = pynvml
+            self.nv: Any = pynvml
         except Exception:  # noqa: BLE001 - energy is optional
             self.nv = None
 
@@ -51,188 +60,322 @@ class Energy:
         return float(self.nv.nvmlDeviceGetTotalEnergyConsumption(self.h)) if self.nv else 0.0
 
 
-class Workloads:
-    def __init__(self) -> None:
-        self.x = torch.randn(512, 4096, device=DEV, dtype=BF)
-        self.ws = [torch.randn(4096, 4096, device=DEV, dtype=BF) / 64 for _ in range(16)]
-        self.a = torch.randn(8192, 8192, device=DEV, dtype=BF)
-        self.b = torch.randn(8192, 8192, device=DEV, dtype=BF)
-        self.out = torch.empty(8192, 8192, device=DEV, dtype=BF)
-
-    def lc(self) -> None:
-        h = self.x
-        for w in self.ws:
-            h = torch.relu(h @ w)
-
-    def be_whole(self) -> None:
-        torch.matmul(self.a, self.b, out=self.out)
-
-    def be_ops(self) -> Any:
-        while True:
-            yield atoms.matmul(self.a, self.b, self.out)
-
-
-def lc_loop(run_one: Callable[[], float], n: int, period: float) -> list[float]:
+def paced(run_one: Callable[[], float], n: int, period: float) -> list[float]:
     lat = []
     nxt = time.perf_counter()
     for _ in range(n):
-        # sleep most of the gap, spin the last 300 us: sleep's wake-up jitter
-        # would otherwise land in LC's measured tail
+        # sleep most of the gap, spin the rest: sleep's wake-up jitter would
+        # otherwise land in LC's measured tail
+        # sleep most of the gap, then yield (not spin holding the GIL, which
+        # would starve the arbiter's BE threads as no real LC client does)
         now = time.perf_counter()
-        if nxt - now > 300e-6:
-            time.sleep(nxt - now - 300e-6)
+        if nxt - now > 200e-6:
+            time.sleep(nxt - now - 200e-6)
         while time.perf_counter() < nxt:
-            pass
+            time.sleep(0)
         lat.append(run_one())
-        nxt += period
+        nxt = max(nxt + period, time.perf_counter())
     return lat
 
 
-def summarize(lat: list[float]) -> dict[str, float]:
-    s = sorted(lat)
-    return {"n": len(s), "p50_ms": statistics.median(s) * 1e3,
-            "p99_ms": s[int(len(s) * 0.99)] * 1e3}
-
-
-def timed_lc(stream: Any, wl: Workloads) -> Callable[[], float]:
+def direct_lc(lc: W.LcWork, stream: Any) -> Callable[[], float]:
     def one() -> float:
         t = time.perf_counter()
         with torch.cuda.stream(stream):
-            wl.lc()
+            lc.run()
         stream.synchronize()
         return time.perf_counter() - t
     return one
 
 
-def be_thread(fn: Callable[[], None], stream: Any, stop: threading.Event,
-              count: list[int]) -> threading.Thread:
-    def run() -> None:
-        with torch.cuda.stream(stream):
-            while not stop.is_set():
-                fn()
-                ev = torch.cuda.Event()
-                ev.record(stream)
-                while not ev.query():          # keep one GEMM queued at most
-                    time.sleep(0)
-                count[0] += 1
-    t = threading.Thread(target=run)
-    t.start()
-    return t
+def lake_lc(arb: GpuArbiter, t: Any, lc: W.LcWork) -> Callable[[], float]:
+    def one() -> float:
+        t0 = time.perf_counter()
+        arb.run_lc(t, lc.run)
+        return time.perf_counter() - t0
+    return one
 
 
-def measure(name: str, lc_fn: Callable[[], float] | None, be: Callable[[threading.Event], Any]
-            | None, args: argparse.Namespace, energy: Energy) -> dict[str, Any]:
-    stop = threading.Event()
-    be_state = be(stop) if be else None
-    time.sleep(0.3)
-    e0, t0 = energy.mj(), time.perf_counter()
-    rows0 = be_state["rows"]() if be_state else 0
-    gc.disable()
-    try:
-        if lc_fn:
-            lat = lc_loop(lc_fn, args.requests, args.period_ms / 1e3)
-        else:
-            time.sleep(args.requests * args.period_ms / 1e3)
-            lat = []
-    finally:
-        gc.enable()
-    dt = time.perf_counter() - t0
-    rows = (be_state["rows"]() - rows0) if be_state else 0
-    e1 = energy.mj()
-    stop.set()
-    if be_state:
-        be_state["join"]()
+class BeRunner:
+    """Runs BE steps on a thread; ``direct`` keeps two steps in flight at most."""
+
+    def __init__(self, be: W.BeWork, stream: Any = None, arb: GpuArbiter | None = None,
+                 tenant: Any = None) -> None:
+        self.be, self.stream, self.arb, self.tenant = be, stream, arb, tenant
+        self.steps = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            if self.arb is not None:
+                with self.arb.be(self.tenant):
+                    while not self.stop.is_set():
+                        self.be.step()
+                        self.steps += 1
+                return
+            evs: list[Any] = []
+            with torch.cuda.stream(self.stream):
+                while not self.stop.is_set():
+                    self.be.step()
+                    ev = torch.cuda.Event()
+                    ev.record(self.stream)
+                    evs.append(ev)
+                    while len(evs) > 2:
+                        if evs[0].query():
+                            evs.pop(0)
+                            self.steps += 1
+                        else:
+                            time.sleep(50e-6)
+                for ev in evs:
+                    ev.synchronize()
+                    self.steps += 1
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            self.error = e
+
+    def __enter__(self) -> "BeRunner":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while self.steps < 3 and self.error is None and time.monotonic() < deadline:
+            time.sleep(0.01)                   # measure a running job, not its start
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def pctl(s: list[float], q: float) -> float:
+    return s[min(len(s) - 1, int(len(s) * q))]
+
+
+def measure(name: str, lc_one: Callable[[], float] | None, be: BeRunner | None,
+            args: argparse.Namespace, energy: Energy, seconds: float | None = None
+            ) -> dict[str, Any]:
+    res: dict[str, Any] = {"config": name}
+    ctx = be if be is not None else _Null()
+    with ctx:
+        if lc_one is not None:        # steady state: LC's arrival history, caches
+            paced(lc_one, args.warm, args.period_ms / 1e3)
+        steps0 = be.steps if be else 0
+        e0, t0 = energy.mj(), time.perf_counter()
+        gc.disable()
+        try:
+            if lc_one is not None:
+                lat = paced(lc_one, args.requests, args.period_ms / 1e3)
+            else:
+                time.sleep(seconds or 3.0)
+                lat = []
+        finally:
+            gc.enable()
+        dt = time.perf_counter() - t0
+        steps = (be.steps - steps0) if be else 0
+        e1 = energy.mj()
     torch.cuda.synchronize()
-    res: dict[str, Any] = {"config": name, "seconds": dt}
+    res["seconds"] = dt
     if lat:
-        res["lc"] = summarize(lat)
+        s = sorted(lat)
+        res["lc"] = {"n": len(s), "p50_ms": statistics.median(s) * 1e3,
+                     "p99_ms": pctl(s, 0.99) * 1e3, "max_ms": s[-1] * 1e3}
+        res["lat_ms"] = [round(x * 1e3, 4) for x in lat]
+        res["worst"] = sorted(((round(x * 1e3, 3), i) for i, x in enumerate(lat)),
+                              reverse=True)[:12]
         res["energy_mj_per_lc"] = (e1 - e0) / len(lat)
-    if be_state:
-        res["be_gemms_per_s"] = rows / 8192 / dt
-    print(name, json.dumps(res), flush=True)
+    if be is not None:
+        res["be_steps_per_s"] = steps / dt
     return res
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
+             args: argparse.Namespace, energy: Energy, streams: dict[str, Any]
+             ) -> list[dict[str, Any]]:
+    out = []
+    hi, lo = streams["hi"], streams["lo"]
+    if "shared" in args.configs:
+        out.append(measure("shared", direct_lc(lc, hi), BeRunner(be, lo), args, energy))
+    if "static" in args.configs:
+        graph, lc.graph = lc.graph, None       # graphs would leave the partition
+        try:
+            out.append(measure("static", direct_lc(lc, streams["st_lc"]),
+                               BeRunner(be, streams["st_be"]), args, energy))
+        finally:
+            lc.graph = graph
+    if "lake" in args.configs:
+        tl = arb.add_tenant(TenantSpec(f"lc-{lc.name}", "LC", args.quota_sms, kind="model"))
+        tl.allow_partition = False              # a graph: the whole GPU
+        tb = arb.add_tenant(TenantSpec(f"be-{be.name}", "BE", 0, kind="job"))
+        try:
+            r = measure("lake", lake_lc(arb, tl, lc), BeRunner(be, arb=arb, tenant=tb),
+                        args, energy)
+            st = {t["name"]: t for t in arb.status()["tenants"]}
+            r["tenants"] = {k: {x: st[k][x] for x in ("energy_j", "busy_s", "atoms",
+                                                       "requests", "p50_ms", "p99_ms")}
+                            for k in (tl.name, tb.name)}
+            r["gates_forced_open"] = arb.gates.forced_opens
+            out.append(r)
+        finally:
+            arb.remove_tenant(tl)
+            arb.remove_tenant(tb)
+    for r in out:
+        r["lc_work"], r["be_work"] = lc.name, be.name
+        base = iso["lc_eager" if r["config"] == "static" else "lc"]
+        r["lc_p50_ratio"] = r["lc"]["p50_ms"] / base["p50_ms"]
+        r["lc_p99_ratio"] = r["lc"]["p99_ms"] / base["p99_ms"]
+        slo = SLO_X * base["p99_ms"]
+        r["goodput"] = sum(1 for x in r["lat_ms"] if x <= slo) / len(r["lat_ms"])
+        r["be_ratio"] = r["be_steps_per_s"] / iso["be"][be.name]
+        print(f"  {lc.name:>4}+{be.name:<5} {r['config']:>7}: LC p50 {r['lc']['p50_ms']:.3f} "
+              f"p99 {r['lc']['p99_ms']:.3f} ms (x{r['lc_p50_ratio']:.2f}/x{r['lc_p99_ratio']:.2f})"
+              f" BE x{r['be_ratio']:.2f} goodput {r['goodput']:.3f}", flush=True)
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--period-ms", type=float, default=5.0)
-    ap.add_argument("--lc-quota-sms", type=int, default=64)
-    ap.add_argument("--busy-rows", type=int, default=0)
-    ap.add_argument("--idle-rows", type=int, default=8192)
-    ap.add_argument("--idle-depth", type=int, default=2)
-    ap.add_argument("--lead-ms", type=float, default=1.2)
-    ap.add_argument("--soon-rows", type=int, default=384)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--warm", type=int, default=40, help="LC requests before measuring")
+    ap.add_argument("--lc", default="gemm,conv,attn")
+    ap.add_argument("--be", default="gemm,mem,train")
+    ap.add_argument("--configs", default="shared,static,lake")
+    ap.add_argument("--quota-sms", type=int, default=64, help="static split: LC's SMs")
+    ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                    help="scheduler knob (repeatable), e.g. atom_us=300")
+    ap.add_argument("--be-seconds", type=float, default=3.0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "sched_gpu.json"))
+    ap.add_argument("--plot", default="")
+    ap.add_argument("--merge", nargs="+", default=[],
+                    help="merge JSON files of runs (one per LC workload) into --out")
+    ap.add_argument("--stall-s", type=float, default=0,
+                    help="dump every thread's stack and exit if the run lasts this long")
     args = ap.parse_args()
-    torch.zeros(1, device=DEV)
-    wl = Workloads()
+    if args.merge:
+        return merge(args)
+    if args.stall_s:
+        faulthandler.dump_traceback_later(args.stall_s, exit=True)
+    args.configs = args.configs.split(",")
+    knobs = {}
+    for kv in args.knob:
+        k, _, v = kv.partition("=")
+        knobs[k] = {"true": True, "false": False}.get(v.lower(), None)
+        if knobs[k] is None:
+            knobs[k] = float(v) if "." in v else int(v)
+    torch.backends.cudnn.benchmark = False
     energy = Energy()
-    parts = Partitions()
-    _, lo, hi = parts.cu.cuCtxGetStreamPriorityRange()
-    hi_stream = torch.cuda.Stream(priority=-1)
-    lo_stream = torch.cuda.Stream(priority=0)
-    lc_units = parts.units_for(args.lc_quota_sms)
-    st_lc = parts.get(0, lc_units).torch_stream(int(hi))
-    st_be = parts.get(lc_units, parts.n_units, True).torch_stream(int(lo))
-    sched = Scheduler(parts, args.lc_quota_sms,
-                      Knobs(busy_rows=args.busy_rows, idle_rows=args.idle_rows,
-                            idle_depth=args.idle_depth, lead_s=args.lead_ms / 1e3,
-                            soon_rows=args.soon_rows))
-    lc_t = sched.tenant("lc-gemm-chain", "LC", args.lc_quota_sms)
-    be_t = sched.tenant("be-gemm", "BE", parts.total_sms)
-    for _ in range(20):          # warm cuBLAS on every stream
-        for s in (hi_stream, lo_stream, st_lc, st_be, sched.lc_stream, sched.be_busy_stream,
-                  sched.be_full_stream):
-            with torch.cuda.stream(s):
-                wl.lc()
-                torch.matmul(wl.a[:1024], wl.b, out=wl.out[:1024])
+    arb = GpuArbiter(knobs)
+    parts = arb.parts
+    lc_units = parts.units_for(args.quota_sms)
+    streams = {"hi": torch.cuda.Stream(priority=arb.prio_hi),
+               "lo": torch.cuda.Stream(priority=arb.prio_lo),
+               "st_lc": parts.get(0, lc_units).torch_stream(arb.prio_hi),
+               "st_be": parts.get(lc_units, parts.n_units, True).torch_stream(arb.prio_lo)}
+    lcs = [W.LC[n]() for n in args.lc.split(",")]
+    bes = [W.BE[n]() for n in args.be.split(",")]
+    for s in streams.values():                 # warm cuBLAS/cuDNN on every stream
+        with torch.cuda.stream(s):
+            for lc in lcs:
+                lc.run()
+            for be in bes:
+                be.step()
     torch.cuda.synchronize()
-
-    def plain_be(stream: Any) -> Callable[[threading.Event], Any]:
-        def start(stop: threading.Event) -> Any:
-            count = [0]
-            t = be_thread(wl.be_whole, stream, stop, count)
-            return {"rows": lambda: count[0] * 8192, "join": t.join}
-        return start
-
-    def lake_be(stop: threading.Event) -> Any:
-        t = threading.Thread(target=sched.run_be, args=(be_t, wl.be_ops(), stop))
-        t.start()
-        return {"rows": lambda: be_t.rows, "join": t.join}
-
+    iso: dict[str, Any] = {"be": {}}
     runs: list[dict[str, Any]] = []
-    for rep in range(args.repeats):
-        runs.append(measure("isolated-lc", timed_lc(hi_stream, wl), None, args, energy))
-        runs.append(measure("isolated-be", None, plain_be(lo_stream), args, energy))
-        runs.append(measure("shared", timed_lc(hi_stream, wl), plain_be(lo_stream), args,
-                            energy))
-        runs.append(measure("static", timed_lc(st_lc, wl), plain_be(st_be), args, energy))
-        runs.append(measure("lake", lambda: sched.run_lc(lc_t, wl.lc), lake_be, args, energy))
-        runs.append(measure("lake-lc-alone", lambda: sched.run_lc(lc_t, wl.lc), None, args,
-                            energy))
-    iso_lc = [r for r in runs if r["config"] == "isolated-lc"]
-    iso_be = [r for r in runs if r["config"] == "isolated-be"]
-    table = []
-    for name in ("shared", "static", "lake", "lake-lc-alone", "isolated-lc"):
-        for i, r in enumerate(x for x in runs if x["config"] == name):
-            row = {"config": name, "repeat": i, **r.get("lc", {})}
-            row["lc_p50_ratio"] = r["lc"]["p50_ms"] / iso_lc[i]["lc"]["p50_ms"]
-            row["lc_p99_ratio"] = r["lc"]["p99_ms"] / iso_lc[i]["lc"]["p99_ms"]
-            if "be_gemms_per_s" in r:
-                row["be_ratio"] = r["be_gemms_per_s"] / iso_be[i]["be_gemms_per_s"]
-            row["energy_mj_per_lc"] = r.get("energy_mj_per_lc")
-            table.append(row)
+    for be in bes:
+        r = measure("isolated-be", None, BeRunner(be, streams["lo"]), args, energy,
+                    seconds=args.be_seconds)
+        r["be_work"] = be.name
+        iso["be"][be.name] = r["be_steps_per_s"]
+        runs.append(r)
+        print(f"  isolated BE {be.name}: {r['be_steps_per_s']:.1f} {be.unit}/s", flush=True)
+    for lc in lcs:
+        r_eager = measure("isolated-lc-eager", direct_lc(lc, streams["hi"]), None, args, energy)
+        lc.capture(streams["hi"])
+        r_iso = measure("isolated-lc", direct_lc(lc, streams["hi"]), None, args, energy)
+        tl = arb.add_tenant(TenantSpec(f"lc-{lc.name}-alone", "LC", 0, kind="model"))
+        tl.allow_partition = False
+        r_alone = measure("lake-lc-alone", lake_lc(arb, tl, lc), None, args, energy)
+        arb.remove_tenant(tl)
+        il = {"lc": r_iso["lc"], "lc_eager": r_eager["lc"], "be": iso["be"]}
+        for r in (r_eager, r_iso, r_alone):
+            r["lc_work"] = lc.name
+            r["lc_p50_ratio"] = r["lc"]["p50_ms"] / r_iso["lc"]["p50_ms"]
+            r["lc_p99_ratio"] = r["lc"]["p99_ms"] / r_iso["lc"]["p99_ms"]
+            runs.append(r)
+        print(f"  isolated LC {lc.name}: p50 {r_iso['lc']['p50_ms']:.3f} p99 "
+              f"{r_iso['lc']['p99_ms']:.3f} ms (eager {r_eager['lc']['p50_ms']:.3f}/"
+              f"{r_eager['lc']['p99_ms']:.3f}); through the arbiter alone x"
+              f"{r_alone['lc_p50_ratio']:.3f}/x{r_alone['lc_p99_ratio']:.3f}", flush=True)
+        for be in bes:
+            runs.extend(run_pair(lc, be, arb, il, args, energy, streams))
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "args": vars(args), "runs": runs, "table": table, "scheduler": sched.status()}
+           "args": {k: v for k, v in vars(args).items()}, "knobs": vars(arb.knobs),
+           "runs": [{k: v for k, v in r.items() if k != "lat_ms"} for r in runs],
+           "scheduler": arb.status()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    for row in table:
-        print(f"{row['config']:>14} r{row['repeat']}: LC p50 {row['p50_ms']:.2f} ms "
-              f"p99 {row['p99_ms']:.2f} ms (x{row['lc_p50_ratio']:.2f}/x{row['lc_p99_ratio']:.2f})"
-              f" BE {row.get('be_ratio', float('nan')):.2f}")
+    if args.plot:
+        plot(out, args.plot)
+    arb.close()
     return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    out = dict(parts[0])
+    out["runs"] = [r for p in parts for r in p["runs"]]
+    out["args"] = dict(parts[0]["args"], lc=",".join(p["args"]["lc"] for p in parts))
+    out["scheduler"] = [p["scheduler"] for p in parts]
+    out["merged_from"] = [Path(f).name for f in args.merge]
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    if args.plot:
+        plot(out, args.plot)
+    return 0
+
+
+def plot(out: dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pairs = sorted({(r["lc_work"], r["be_work"]) for r in out["runs"]
+                    if r["config"] in ("shared", "static", "lake")})
+    configs = ["shared", "static", "lake"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    width = 0.27
+    for ci, c in enumerate(configs):
+        p99 = []
+        be = []
+        for lc, bw in pairs:
+            r = next((x for x in out["runs"] if x["config"] == c and x["lc_work"] == lc
+                      and x["be_work"] == bw), None)
+            p99.append(r["lc_p99_ratio"] if r else 0)
+            be.append(r["be_ratio"] if r else 0)
+        xs = [i + (ci - 1) * width for i in range(len(pairs))]
+        axes[0].bar(xs, p99, width, label=c)
+        axes[1].bar(xs, be, width, label=c)
+    labels = [f"{lc}+{bw}" for lc, bw in pairs]
+    for ax, title, line in ((axes[0], "LC p99 / isolated p99 (lower is better)", 1.25),
+                            (axes[1], "BE throughput / solo (higher is better)", 0.8)):
+        ax.set_xticks(range(len(pairs)), labels, rotation=30)
+        ax.axhline(line, color="k", ls="--", lw=1)
+        ax.set_title(title)
+        ax.legend()
+    axes[0].set_yscale("log")
+    fig.suptitle(f"laked arbiter on {out['device']} (LC every "
+                 f"{out['args']['period_ms']} ms, {out['args']['requests']} requests/point; "
+                 "static's LC ratios are to the eager isolated run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ except Exception as e:  # noqa: BLE001 - any reason means: skip, and say it
 pytestmark = pytest.mark.skipif(not HAVE_GPU, reason=f"GPU tests need an NVIDIA GPU: {WHY}")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import CRASH_PTX, SPIN_PTX, VECADD_PTX  # noqa: E402
+from kernels import SPIN_PTX, VECADD_PTX  # noqa: E402
 
 from lake.standin import CallError, Launch, Session, StandIn, u32, u64  # noqa: E402
 

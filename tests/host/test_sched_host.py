@@ -54,3 +54,93 @@ def test_dvfs_advice_is_bounded_by_the_slip() -> None:
     mem_bound = power.advise(0.05, 0.1, clocks)
     assert mem_bound.advised_mhz < a.advised_mhz
     assert power.advise(0.0, 0.1, clocks).advised_mhz == min(clocks)
+
+
+# -- the op atomizer's splitters and the knobs (CPU tensors; the mode itself is GPU-only) --
+torch = pytest.importorskip("torch", reason="the op atomizer needs torch")
+
+
+def _run(plan, step: int) -> None:  # type: ignore[no-untyped-def]
+    for i in range(0, plan.rows, step):
+        plan.piece(i, min(plan.rows, i + step))
+
+
+def test_row_splits_give_the_whole_ops_result() -> None:
+    from laked.sched import opmode
+    aten = torch.ops.aten
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, 64, generator=g), torch.randn(64, 32, generator=g)
+    bias = torch.randn(32, generator=g)
+    x3, y3 = torch.randn(9, 300, 20, generator=g), torch.randn(9, 20, 10, generator=g)
+    cases = [(aten.mm.default, (a, b), a @ b),
+             (aten.addmm.default, (bias, a, b), torch.addmm(bias, a, b)),
+             (aten.bmm.default, (x3, y3), torch.bmm(x3, y3))]
+    for func, args, want in cases:
+        plan = opmode._SPLITTERS[func](func, args, {})
+        _run(plan, 97)
+        # slicing and placement are what the CPU can check (its BLAS may round
+        # differently per row count); tests/gpu checks bit equality on cuBLAS
+        assert torch.allclose(plan.result, want, rtol=1e-5, atol=1e-5), func
+    out = torch.empty(1000, 32)
+    plan = opmode._mm(aten.mm.out, (a, b), {"out": out})
+    _run(plan, 333)
+    # the CPU's BLAS may block some row counts differently (last bits); the
+    # GPU tests check bit equality on cuBLAS
+    assert plan.result is out and torch.allclose(out, a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_splits_in_place_out_and_functional() -> None:
+    from laked.sched import opmode
+    aten = torch.ops.aten
+    x = torch.randn(5 << 20)
+    y = torch.empty_like(x)
+    plan = opmode._pointwise(aten.mul.out, (x, 1.5), {"out": y})
+    _run(plan, 1 << 20)
+    assert torch.equal(y, x * 1.5)
+    plan = opmode._pointwise(aten.add.Tensor, (x, x), {"alpha": 2})
+    _run(plan, 1 << 20)
+    assert torch.equal(plan.result, torch.add(x, x, alpha=2))
+    z = x.clone()
+    plan = opmode._pointwise(aten.mul_.Tensor, (z, 2.0), {})
+    _run(plan, 1 << 20)
+    assert torch.equal(z, x * 2)
+    assert opmode._pointwise(aten.add.Tensor, (x[:100], x[:100]), {}) is None    # small
+    assert opmode._pointwise(aten.eq.Tensor, (x, x), {}) is None   # result dtype not arith
+
+
+def test_conv_splits_along_the_batch() -> None:
+    from laked.sched import opmode
+    aten = torch.ops.aten
+    img, w, bias = torch.randn(10, 3, 16, 16), torch.randn(8, 3, 3, 3), torch.randn(8)
+    args = (img, w, bias, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    plan = opmode._conv(aten.convolution.default, args, {})
+    _run(plan, 3)
+    # oneDNN picks its algorithm by batch size on the CPU, so bits may differ
+    # here; the GPU test checks equality on cuDNN
+    assert torch.allclose(plan.result, aten.convolution.default(*args), atol=1e-5)
+    assert opmode._conv(aten.convolution.default, args[:6] + (True,) + args[7:], {}) is None
+
+
+def test_whole_op_estimates_follow_flops_and_bytes() -> None:
+    from laked.sched import opmode
+    aten = torch.ops.aten
+    a, b = torch.randn(100, 64), torch.randn(64, 32)
+    assert opmode.whole_seconds(aten.mm.default, (a, b), {}) == pytest.approx(
+        2 * 100 * 64 * 32 / opmode.flops_rate(torch.float32))
+    x = torch.randn(1 << 20)
+    assert opmode.whole_seconds(aten.relu.default, (x,), {}) == pytest.approx(
+        x.numel() * 4 / opmode.BANDWIDTH + 2e-6)
+
+
+def test_scheduler_knobs_are_checked_by_name_type_and_range() -> None:
+    from laked.sched.arbiter import Knobs
+    k = Knobs.from_dict({"atom_us": 300, "rightsize": False})
+    assert k.atom_us == 300.0 and k.rightsize is False and k.depth == Knobs().depth
+    for bad, msg in (({"bogus": 1}, "unknown scheduler knob 'bogus'"),
+                     ({"atom_us": "fast"}, "expected a number"),
+                     ({"atom_us": -1}, "expected a number >= 0"),
+                     ({"rightsize": 1}, "expected true/false"),
+                     ({"depth": 0}, "depth: at least 1"),
+                     ({"slip": 0.9}, "slip: at least 1.0")):
+        with pytest.raises(ValueError, match=msg):
+            Knobs.from_dict(bad)

@@ -1,0 +1,514 @@
+"""The GPU arbiter (LithOS-style): LC tenants keep their tail, BE takes the rest.
+
+- **Partitions.**  Green contexts from one split of the device's SMs
+  (``partition.py``).  An LC tenant runs on the whole GPU at the greatest
+  stream priority, or, once right-sized, on the smallest partition whose
+  predicted latency is within ``slip`` of the whole GPU's.  BE tenants run
+  on the whole GPU at the lowest priority, and on the complement of the
+  right-sized LC partitions while such LC work runs or is due.
+- **Gates and atoms.**  LC requests shut their tenant's gate on the GPU for
+  exactly as long as their work runs (``gate.py``); every BE atom waits for
+  the gates first, so LC waits for at most the BE atom already running.
+  BE atoms are about ``atom_us`` long while LC tenants are active (large,
+  ``idle_atom_us``, when no LC request came for ``quiet_s``), sized to end
+  before the next LC arrival predicted from each LC tenant's mean
+  inter-arrival time, and held (at most ``hold_us``) when even a small
+  atom would not fit.  Torch work is cut by the op-level atomizer
+  (``opmode.py``), row ops by ``run_be``.
+- **Right-sizing.**  Per LC tenant, l(t) = m/t + b is fitted from its
+  requests on the whole GPU and one probe on its quota's partition
+  (``rightsize.py``); every request is predicted first and misses (off by
+  more than 50 us) are counted for ``laked status``.
+- **Energy and power advice.**  NVML's energy counter is sampled and split
+  between tenants by their device time; the DVFS model gives an
+  advise-only clock (``power.py``).  Nothing here changes a GPU setting.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+
+from ..tenants import LC, TenantSpec
+from . import power
+from .atoms import RowOp
+from .base import Arbiter, TenantState
+from .gate import Gates
+from .opmode import AtomizeMode, Split
+from .fast import Events, ensure_ctx, ensure_thread, set_primary, using
+from .pacer import LC_YIELD_S, YIELD_S, Pacer, Plan
+from .partition import Partition, Partitions, check
+from .rightsize import KernelModel
+
+log = logging.getLogger("laked.sched")
+
+T = TypeVar("T")
+INF = float("inf")
+
+
+@dataclass
+class Knobs:
+    """Scheduler knobs; laked.toml's [scheduler] table sets them by name."""
+    atom_us: float = 400.0          # BE atom while LC tenants are active (LithOS: 250-500)
+    idle_atom_us: float = 2000.0    # BE atom when no LC request came for quiet_s
+    min_atom_us: float = 60.0       # a smaller atom is not worth it: hold instead
+    hold_us: float = 1500.0         # longest hold for a predicted LC arrival
+    depth: int = 4                  # BE atoms queued per tenant (gated: LC waits for one)
+    quiet_s: float = 1.0            # an LC tenant this long without requests is idle
+    slip: float = 1.1               # right-sizing: latency within slip x whole GPU
+    rightsize: bool = True
+    probe_after: int = 32           # requests on the whole GPU before the probe
+    gate_timeout_ms: float = 500.0  # watchdog: reopen a gate shut this long
+    energy_interval_s: float = 0.25
+    gil_switch_us: float = 200.0    # laked's threads hand the GIL over within this
+    power_slip: float = 0.05        # advice: the clock that costs at most this slowdown
+    reserve_mb: int = 2048          # device memory torch's allocator caches at start
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "Knobs":
+        known = {f.name: f for f in fields(cls)}
+        k = cls()
+        for name, value in (d or {}).items():
+            if name not in known:
+                raise ValueError(f"unknown scheduler knob {name!r} "
+                                 f"(known: {', '.join(sorted(known))})")
+            want = type(getattr(k, name))
+            if want is bool and not isinstance(value, bool):
+                raise ValueError(f"scheduler knob {name}: expected true/false")
+            if want in (int, float) and (isinstance(value, bool) or
+                                         not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"scheduler knob {name}: expected a number >= 0")
+            setattr(k, name, want(value))
+        if k.depth < 1:
+            raise ValueError("scheduler knob depth: at least 1")
+        if k.slip < 1.0:
+            raise ValueError("scheduler knob slip: at least 1.0")
+        return k
+
+
+@dataclass
+class GpuTenant(TenantState):
+    slot: int = -1                        # LC: its gate
+    stream: Any = None                    # LC: torch stream it runs on
+    partition: Partition | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    active: int = 0
+    last_start: float = 0.0
+    last_end: float = 0.0
+    gap: float = 0.0                      # EWMA of inter-arrival, seconds
+    model: KernelModel | None = None      # LC: right-sizing and prediction
+    probed: bool = False
+    allow_partition: bool = True          # False: work the partition cannot hold (graphs)
+    pacer: Pacer | None = None            # BE
+    events: Events | None = None          # LC: the event after each request
+    cu_active: bool = False               # kernel cu* work shut the gate, not yet reopened
+
+    @property
+    def is_lc(self) -> bool:
+        return self.spec.cls == LC
+
+
+class GpuArbiter(Arbiter):
+    device = "cuda"
+
+    def __init__(self, knobs: Knobs | dict[str, Any] | None = None, device: int = 0) -> None:
+        super().__init__()
+        self.knobs = knobs if isinstance(knobs, Knobs) else Knobs.from_dict(knobs)
+        # an LC request's thread must get the GIL quickly from BE issuers
+        sys.setswitchinterval(self.knobs.gil_switch_us / 1e6)
+        torch.cuda.set_device(device)
+        torch.zeros(1, device="cuda")             # the primary context exists first
+        # The first dispatch mode imports torch._dynamo (seconds, GIL held):
+        # pay it here, not in the middle of a BE job beside LC work.
+        importlib.import_module("torch._dynamo")
+        self.dev = device
+        self.parts = Partitions(device)
+        cu = self.parts.cu
+        self._primary = check(cu.cuDevicePrimaryCtxRetain(self.parts.dev), "retain")
+        check(cu.cuCtxSetCurrent(self._primary), "cuCtxSetCurrent")   # not a green one
+        set_primary(self._primary)
+        self.full = self.parts.full()
+        _, lo, hi = self.parts.cu.cuCtxGetStreamPriorityRange()
+        self.prio_lo, self.prio_hi = int(lo), int(hi)
+        self.gates = Gates(self.knobs.gate_timeout_ms / 1e3)
+        self.lc_seq = 0                           # bumped by every LC request start
+        self.lc_active = 0
+        self.last_lc = 0.0                        # host time the last LC request ended
+        self._lock = threading.Lock()
+        self._energy_stop = threading.Event()
+        self.idle_energy_j = 0.0
+        self.nvml: power.Nvml | None = None
+        self._clocks: list[int] = []
+        try:
+            self.nvml = power.Nvml(device)
+            self._clocks = self.nvml.supported_graphics_mhz()
+        except Exception as e:  # noqa: BLE001 - NVML is optional: energy just stays 0
+            log.info("no NVML energy counter: %s", e)
+        self._energy = threading.Thread(target=self._sample_energy, name="laked-energy",
+                                        daemon=True)
+        self._energy.start()
+        self._reserve()
+        self._warm_up()
+        log.info("GPU arbiter: %d SMs in %d units of %d; knobs %s", self.parts.total_sms,
+                 self.parts.n_units, self.parts.unit, vars(self.knobs))
+
+    def _reserve(self) -> None:
+        """Leave memory cached in torch's allocator: a real cudaMalloc while a
+        BE stream waits at a shut gate can stall inside the driver (see
+        gate.py), so steady-state allocations should come from the cache."""
+        mb = self.knobs.reserve_mb
+        if mb:
+            big = torch.empty(mb << 20, dtype=torch.uint8, device="cuda")
+            small = [torch.empty(1 << 16, dtype=torch.uint8, device="cuda") for _ in range(64)]
+            del big, small
+
+    def _warm_up(self) -> None:
+        """Run each atomizer path once: first uses import and build things
+        (meta kernels, cuBLAS/cuDNN handles on these streams) that would
+        otherwise stall the first BE job beside LC work."""
+        t = self.add_tenant(TenantSpec("laked-warmup", "BE", 0, kind="job"))
+        try:
+            lin = torch.nn.Linear(256, 256).cuda()
+            conv = torch.nn.Conv2d(4, 8, 3).cuda()
+            x = torch.randn(512, 256, device="cuda", requires_grad=True)
+            with self.be(t):
+                lin(x).relu().sum().backward()
+                conv(torch.randn(4, 4, 16, 16, device="cuda")).mean()
+                torch.bmm(torch.randn(2, 8, 8, device="cuda"), torch.randn(2, 8, 8, device="cuda"))
+                y = torch.randn(1 << 22, device="cuda")
+                torch.mul(y, 2.0, out=y)
+                y.add_(1.0)
+                (y * 2).sum()
+            torch.cuda.synchronize()
+        finally:
+            self.remove_tenant(t)
+
+    # -- tenants ----------------------------------------------------------------------
+    def _new_state(self, spec: TenantSpec) -> TenantState:
+        t = GpuTenant(spec, sms=self.parts.total_sms)
+        if t.is_lc:
+            t.slot = self.gates.slot()
+            t.stream = torch.cuda.Stream(priority=self.prio_hi)
+            t.events = Events(timing=False)
+            t.model = KernelModel(spec.name)
+        else:
+            full = self.full.torch_stream(self.prio_lo)
+            t.pacer = Pacer(self, t, lambda kind: full if kind == "full" else self._comp_stream())
+        return t
+
+    def remove_tenant(self, t: TenantState) -> None:
+        super().remove_tenant(t)
+        assert isinstance(t, GpuTenant)
+        if t.pacer is not None:
+            t.pacer.close()
+        if t.slot >= 0:
+            if t.stream is not None:
+                t.stream.synchronize()
+            self.gates.release(t.slot)
+            t.slot = -1
+
+    def lc_tenants(self) -> list[GpuTenant]:
+        with self._tlock:
+            return [t for t in self.tenants.values()
+                    if isinstance(t, GpuTenant) and t.is_lc and t.slot >= 0]
+
+    def lc_slots(self) -> list[int]:
+        return [t.slot for t in self.lc_tenants()]
+
+    def _comp_stream(self) -> Any:
+        """BE's stream on the SMs no right-sized LC tenant uses."""
+        lc_units = max((t.partition.units[1] for t in self.lc_tenants() if t.partition),
+                       default=0)
+        p = self.parts.get(min(lc_units, self.parts.n_units - 1), self.parts.n_units, True)
+        return p.torch_stream(self.prio_lo)
+
+    # -- LC ---------------------------------------------------------------------------
+    def _arrive(self, t: GpuTenant, now: float) -> None:
+        if t.last_start:
+            gap = now - t.last_start
+            t.gap = gap if not t.gap else 0.8 * t.gap + 0.2 * gap
+        t.last_start = now
+        t.active += 1
+        with self._lock:
+            self.lc_active += 1
+            self.lc_seq += 1
+
+    def _leave(self, t: GpuTenant) -> None:
+        t.active -= 1
+        t.last_end = self.last_lc = time.perf_counter()
+        with self._lock:
+            self.lc_active -= 1
+
+    def run_lc(self, t: TenantState, fn: Callable[[], T], items: int = 1) -> T:
+        """One LC request: ``fn`` issues it on the tenant's stream; returns when done."""
+        assert isinstance(t, GpuTenant) and t.is_lc
+        ensure_ctx()
+        with t.lock:                        # one request of a tenant at a time: one gate
+            sms = self._place(t)
+            ensure_thread(t.stream)
+            t0 = time.perf_counter()
+            self._arrive(t, t0)
+            stream, cs = t.stream, t.stream.cuda_stream
+            try:
+                self.gates.close(t.slot, cs)
+                try:
+                    with using(stream, self.dev):
+                        out = fn()
+                finally:
+                    self.gates.open(t.slot, cs)
+                    done = t.events.record(cs)
+                t.events.wait(done)
+                t.events.put(done)
+            except Exception:
+                t.errors += 1
+                raise
+            finally:
+                self._leave(t)
+            dt = time.perf_counter() - t0
+            t.latencies.append(dt)
+            t.requests += 1
+            t.items += items
+            t.busy_s += dt
+            if t.model is not None:
+                t.model.observe(sms, dt)        # predicted first: misses are counted
+            return out
+
+    def _place(self, t: GpuTenant) -> int:
+        """The SMs this request runs on: whole GPU, the probe, or the right size."""
+        k = self.knobs
+        if not (k.rightsize and t.allow_partition) or t.model is None:
+            return t.sms
+        if not t.probed and t.requests >= k.probe_after:
+            quota = t.spec.quota_sms or self.parts.total_sms // 2
+            units = min(self.parts.units_for(quota), self.parts.n_units - 1)
+            self._move(t, units)
+            t.probed = True
+            log.info("right-sizing %s: probe on %d SMs", t.name, t.sms)
+            return t.sms
+        if t.probed and t.model.fitted and t.requests == k.probe_after + 1:
+            offers = sorted({self.parts.get(0, u).sms for u in range(1, self.parts.n_units)}
+                            | {self.parts.total_sms})
+            best = t.model.right_size(offers, k.slip)
+            if best >= self.parts.total_sms:
+                self._move(t, None)
+            else:
+                self._move(t, self.parts.units_for(best))
+            log.info("right-sized %s to %d SMs (fit m=%.1f us*SM b=%.1f us)", t.name,
+                     t.sms, t.model.m * 1e6, t.model.b * 1e6)
+        return t.sms
+
+    def _move(self, t: GpuTenant, units: int | None) -> None:
+        if units is None:
+            t.partition, t.sms = None, self.parts.total_sms
+            t.stream = torch.cuda.Stream(priority=self.prio_hi)
+        else:
+            t.partition = self.parts.get(0, units)
+            t.sms = t.partition.sms
+            t.stream = t.partition.torch_stream(self.prio_hi)
+
+    # -- kernel (cu*) LC work: the executor shuts the gate at a launch, opens at a sync --
+    def cu_launch(self, t: GpuTenant, stream: Any) -> None:
+        if not t.cu_active:
+            t.cu_active = True
+            self._arrive(t, time.perf_counter())
+            self.gates.close(t.slot, stream)
+
+    def cu_sync(self, t: GpuTenant, streams: list[Any]) -> None:
+        if t.cu_active:
+            t.cu_active = False
+            for st in streams:
+                self.gates.open(t.slot, st)
+            self._leave(t)
+            t.requests += 1
+
+    # -- BE ---------------------------------------------------------------------------
+    def _lc_view(self, now: float) -> tuple[bool, bool, bool, float, bool]:
+        """(any recent, full-GPU LC running, right-sized LC running, seconds to the
+        next predicted arrival, the next arrival is right-sized)."""
+        recent = run_full = run_part = False
+        room, room_part = INF, False
+        for t in self.lc_tenants():
+            if t.active:
+                recent = True
+                if t.partition is None:
+                    run_full = True
+                else:
+                    run_part = True
+                continue
+            if not t.last_start or now - max(t.last_start, t.last_end) > self.knobs.quiet_s:
+                continue
+            recent = True
+            if t.gap:
+                until = t.last_start + t.gap - now
+                if until > -2 * t.gap and until < room:
+                    room, room_part = until, t.partition is not None
+        return recent, run_full, run_part, room, room_part
+
+    def budget_hint(self) -> float:
+        """Cheap guess of the next atom budget (no waiting, no holds)."""
+        if self.lc_active or (time.perf_counter() - self.last_lc < self.knobs.quiet_s
+                               and self.lc_tenants()):
+            return self.knobs.atom_us / 1e6
+        return self.knobs.idle_atom_us / 1e6
+
+    def be_plan(self, p: Pacer) -> Plan:
+        """The next atom's budget, stream and gates (waits for room, holds before LC)."""
+        k = self.knobs
+        atom = k.atom_us / 1e6
+        hold_since = 0.0
+        while True:
+            p.wait_depth(k.depth)
+            now = time.perf_counter()
+            recent, run_full, run_part, room, room_part = self._lc_view(now)
+            slots = self.lc_slots()
+            if not recent:
+                return Plan(k.idle_atom_us / 1e6, "full", slots)
+            if run_full:
+                if p.inflight:
+                    # an atom already waits behind the gate: issuing more now
+                    # gains nothing, and LC's threads want the GIL
+                    time.sleep(LC_YIELD_S)
+                    continue
+                return Plan(atom, "full", slots)            # queued behind the gate
+            if run_part:
+                return Plan(atom, "comp", self._full_lc_slots())
+            if hold_since:
+                p.hold_s += now - hold_since
+                hold_since = now
+            room -= p.queued_s()
+            if room >= atom:
+                return Plan(atom, "full", slots)
+            if room >= k.min_atom_us / 1e6:
+                return Plan(room, "full", slots)
+            if room_part:
+                return Plan(atom, "comp", self._full_lc_slots())
+            if not hold_since:
+                hold_since = now
+            elif now - hold_since > k.hold_us / 1e6:
+                p.hold_s += now - hold_since
+                return Plan(atom, "full", slots)            # the prediction was wrong
+            time.sleep(YIELD_S)
+
+    def _full_lc_slots(self) -> list[int]:
+        return [t.slot for t in self.lc_tenants() if t.partition is None]
+
+    @contextlib.contextmanager
+    def be(self, t: TenantState) -> Iterator[None]:
+        """BE torch work in this block (and its backward) is atomized and paced."""
+        assert isinstance(t, GpuTenant) and t.pacer is not None
+        p = t.pacer
+        ensure_thread(p.stream_for("full"))
+        p.owner = threading.get_ident()
+        p.kind = "full"
+        try:
+            with torch.cuda.stream(p.stream_for("full")), AtomizeMode(p):
+                yield
+        finally:
+            p.drain()           # busy time was counted atom by atom
+
+    def run_be(self, t: TenantState, ops: Iterator[RowOp], stop: threading.Event) -> None:
+        """Issue row ops (laked.sched.atoms) atom by atom until ``ops`` ends or ``stop``."""
+        assert isinstance(t, GpuTenant) and t.pacer is not None
+        p = t.pacer
+        ensure_thread(p.stream_for("full"))
+        p.owner = threading.get_ident()
+        with torch.cuda.stream(p.stream_for("full")):
+            p.kind = "full"
+            for op in ops:
+                if stop.is_set():
+                    break
+                key = ("rowop", op.rows, id(op.piece.__code__))
+
+                def piece(i0: int, i1: int, op: RowOp = op) -> None:
+                    op.piece(i0, i1)
+                    op.done_rows = i1
+                    t.items += i1 - i0
+                p.run_split(Split(key, op.rows, 1e-6, piece, None))
+            p.drain()
+
+    # -- views for laked status, top and the kernel's policy ----------------------------
+    def queue_delay_us(self, t: TenantState | None = None) -> int:
+        """How long LC work arriving now would wait: the BE atom running (est.)."""
+        worst = 0.0
+        with self._tlock:
+            pacers = [x.pacer for x in self.tenants.values()
+                      if isinstance(x, GpuTenant) and x.pacer is not None]
+        for p in pacers:
+            if p.inflight:
+                worst = max(worst, p.inflight[0].est_s)
+        return int(worst * 1e6)
+
+    def _sample_energy(self) -> None:
+        if self.nvml is None:
+            return
+        last = self.nvml.energy_mj()
+        busy: dict[str, float] = {}
+        while not self._energy_stop.wait(self.knobs.energy_interval_s):
+            try:
+                now = self.nvml.energy_mj()
+            except Exception as e:  # noqa: BLE001 - a read can fail transiently
+                log.debug("NVML energy read failed: %s", e)
+                continue
+            de, last = (now - last) / 1e3, now
+            with self._tlock:
+                ts = list(self.tenants.values())
+            deltas = {t.name: t.busy_s - busy.get(t.name, t.busy_s) for t in ts}
+            busy = {t.name: t.busy_s for t in ts}
+            total = sum(max(0.0, d) for d in deltas.values())
+            if total <= 0:
+                self.idle_energy_j += de
+                continue
+            for t in ts:
+                t.energy_j += de * max(0.0, deltas[t.name]) / total
+
+    def power_advice(self) -> dict[str, Any]:
+        """Advise-only DVFS from the tenants' busy time and sensitivities."""
+        with self._tlock:
+            ts = [t for t in self.tenants.values() if isinstance(t, GpuTenant)]
+        total = sum(t.busy_s for t in ts)
+        if not self._clocks or not total:
+            return {"advice": None, "why": "no NVML clocks" if not self._clocks
+                    else "no GPU work yet"}
+        # LC tenants are assumed fully clock-sensitive (their tail matters most);
+        # BE sensitivity is the FLOP-bound share of its atoms (roofline estimate)
+        sens = {t.name: (1.0 if t.is_lc or t.pacer is None else t.pacer.sensitivity())
+                for t in ts}
+        s_all = sum(t.busy_s / total * sens[t.name] for t in ts)
+        a = power.advise(s_all, self.knobs.power_slip, self._clocks)
+        return {"advice": vars(a), "sensitivity": {n: round(v, 3) for n, v in sens.items()},
+                "mode": "advise-only (no clock is ever set)",
+                "current_sm_mhz": self.nvml.clocks_mhz() if self.nvml else None}
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        parts = {t.name: t.partition.name if isinstance(t, GpuTenant) and t.partition
+                 else "full" for t in list(self.tenants.values())}
+        for s in out["tenants"]:
+            s["partition"] = parts.get(s["name"], "full")
+        out.update({
+            "total_sms": self.parts.total_sms, "unit_sms": self.parts.unit,
+            "knobs": vars(self.knobs), "lc_active": self.lc_active,
+            "gates_forced_open": self.gates.forced_opens,
+            "queue_delay_us": self.queue_delay_us(),
+            "idle_energy_j": round(self.idle_energy_j, 3),
+            "rightsizing": [t.model.summary() | {"sms": t.sms}
+                            for t in self.lc_tenants() if t.model is not None],
+            "power": self.power_advice(),
+        })
+        return out
+
+    def close(self) -> None:
+        for t in list(self.tenants.values()):
+            self.remove_tenant(t)
+        self._energy_stop.set()
+        self._energy.join(2)
+        torch.cuda.synchronize()
+        self.gates.close_all()
+        self.parts.cu.cuDevicePrimaryCtxRelease(self.parts.dev)

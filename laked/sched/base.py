@@ -1,0 +1,139 @@
+"""What every arbiter offers, and the one for machines without a GPU.
+
+An arbiter runs tenants' work: ``run_lc(t, fn)`` runs one latency-critical
+request and returns fn's result once the device has finished it;
+``be(t)`` is a context inside which a best-effort tenant's work is paced
+(on a GPU: cut into atoms so LC work never waits behind it for long).
+Hosted models, hosted jobs and the kernel's GPU work all go through one
+arbiter, so ``status()`` is the whole picture for ``laked status``/``top``.
+
+``CpuArbiter`` is the arbiter of a machine without a usable GPU: work runs
+on the CPU (torch's CPU device), with the same bookkeeping; the GPU one is
+``laked.sched.arbiter.GpuArbiter``.  Importable without torch or CUDA.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, TypeVar
+
+from ..tenants import LC, TenantSpec
+
+T = TypeVar("T")
+
+
+def percentile_ms(sorted_s: list[float], q: float) -> float | None:
+    if not sorted_s:
+        return None
+    return sorted_s[min(len(sorted_s) - 1, int(len(sorted_s) * q))] * 1e3
+
+
+@dataclass
+class TenantState:
+    """A tenant as the arbiter tracks it (counters only grow; top takes rates)."""
+    spec: TenantSpec
+    sms: int = 0                     # SMs of the partition it runs on now (0: CPU)
+    requests: int = 0                # LC requests done
+    items: int = 0                   # items (batch rows, samples) done
+    atoms: int = 0                   # BE atoms issued
+    busy_s: float = 0.0              # device time attributed to it
+    energy_j: float = 0.0            # GPU energy attributed to it (NVML)
+    errors: int = 0
+    latencies: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=4096))
+    created: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        s = self.spec
+        return {"name": s.name, "class": s.cls, "kind": s.kind, "uid": s.uid,
+                "quota_sms": s.quota_sms, "priority": s.priority, "sms": self.sms,
+                "requests": self.requests, "items": self.items, "atoms": self.atoms,
+                "busy_s": round(self.busy_s, 6), "energy_j": round(self.energy_j, 3),
+                "errors": self.errors,
+                "p50_ms": percentile_ms(lat, 0.5), "p99_ms": percentile_ms(lat, 0.99)}
+
+
+class Arbiter:
+    """Tenant bookkeeping shared by the CPU and GPU arbiters."""
+
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.tenants: dict[str, TenantState] = {}
+        self._tlock = threading.Lock()
+
+    def add_tenant(self, spec: TenantSpec) -> TenantState:
+        with self._tlock:
+            if spec.name in self.tenants:
+                raise ValueError(f"tenant {spec.name!r} exists already")
+            t = self.tenants[spec.name] = self._new_state(spec)
+        return t
+
+    def _new_state(self, spec: TenantSpec) -> TenantState:
+        return TenantState(spec)
+
+    def remove_tenant(self, t: TenantState) -> None:
+        with self._tlock:
+            if self.tenants.get(t.name) is t:
+                del self.tenants[t.name]
+
+    def run_lc(self, t: TenantState, fn: Callable[[], T], items: int = 1) -> T:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def be(self, t: TenantState) -> Iterator[None]:
+        raise NotImplementedError
+        yield
+
+    def status(self) -> dict[str, Any]:
+        with self._tlock:
+            tenants = [t.summary() for t in self.tenants.values()]
+        return {"device": self.device, "tenants": tenants}
+
+    def close(self) -> None:
+        pass
+
+
+class CpuArbiter(Arbiter):
+    """No GPU: work runs on the CPU, timed and counted like the GPU's."""
+
+    device = "cpu"
+
+    def run_lc(self, t: TenantState, fn: Callable[[], T], items: int = 1) -> T:
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+        except Exception:
+            t.errors += 1
+            raise
+        dt = time.perf_counter() - t0
+        t.latencies.append(dt)
+        t.requests += 1
+        t.items += items
+        t.busy_s += dt
+        return out
+
+    @contextlib.contextmanager
+    def be(self, t: TenantState) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            t.busy_s += time.perf_counter() - t0
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        out["why"] = "no usable GPU: hosted work runs on the CPU"
+        return out
+
+
+def is_lc(t: TenantState) -> bool:
+    return t.spec.cls == LC

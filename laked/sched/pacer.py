@@ -1,0 +1,205 @@
+"""A best-effort tenant's pacer: its GPU work as atoms, gated and sized.
+
+Everything a BE tenant launches through laked goes through its pacer:
+split ops piece by piece (``run_split``), other ops grouped into atoms of
+about the arbiter's budget (``run_one``).  At every atom boundary the pacer
+closes the previous atom with an event, asks the arbiter for the next
+atom's budget and stream (waiting while ``depth`` atoms are already in
+flight, or holding while an LC request is about to arrive), and queues the
+gate waits that keep the atom from starting while LC work runs.
+
+Seconds per row of each split op are learned from timed atoms that ran
+with no LC request beside them, on the whole GPU.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .fast import Events, raw_stream
+from .opmode import Split
+
+if TYPE_CHECKING:
+    from .arbiter import GpuArbiter, GpuTenant
+
+YIELD_S = 20e-6      # a real sleep hands the GIL to LC's launching threads
+LC_YIELD_S = 100e-6  # ... and a longer one while LC work runs
+SMALL_S = 20e-6      # ops estimated below this run without an atom boundary
+
+
+@dataclass
+class Plan:
+    budget_s: float              # inf: no limit
+    kind: str                    # "full" or "comp" (the complement of right-sized LC)
+    slots: list[int]             # gates to wait on before the atom
+
+
+@dataclass
+class _Atom:
+    end: Any                     # driver event after the atom
+    est_s: float
+    timing: tuple[Any, Any, int] | None     # (start event, cost key, rows)
+    lc_seq: int
+    kind: str
+
+
+class Pacer:
+    def __init__(self, arb: "GpuArbiter", t: "GpuTenant",
+                 stream_for: Callable[[str], Any]) -> None:
+        self.arb = arb
+        self.t = t
+        self.stream_for = stream_for             # "full"/"comp" -> torch stream
+        self.owner = threading.get_ident()
+        self.lock = threading.RLock()
+        self.inflight: collections.deque[_Atom] = collections.deque()
+        self.rates: dict[tuple[Any, ...], float] = {}
+        self.kind = "full"
+        self.dev = arb.dev
+        self.ev = Events(timing=False)
+        self.tev = Events(timing=True)
+        self._open = False
+        self._est = 0.0
+        self._budget = 0.0
+        self._timing: tuple[Any, Any, int] | None = None
+        self._seq = 0
+        self.compute_s = 0.0                     # estimated time in FLOP-bound ops
+        self.memory_s = 0.0                      # ... and in byte-bound ops
+        self.wait_depth_s = 0.0                  # issuer time spent waiting for room
+        self.hold_s = 0.0                        # ... holding for a predicted LC
+
+    # -- what the atomizers call ----------------------------------------------------
+    def may_split(self) -> bool:
+        return True
+
+    def budget_hint(self) -> float:
+        """The atom budget the next boundary will most likely give."""
+        return self.arb.budget_hint()
+
+    def run_one(self, fn: Callable[[], Any], est_s: float) -> Any:
+        if est_s < SMALL_S:
+            # a few microseconds of GPU work: not worth a gate wait and an
+            # event (the Python cost would exceed it); it joins whatever atom
+            # is queued on this stream
+            self._est += est_s
+            self.memory_s += est_s
+            return fn()
+        with self.lock:
+            if not self._open or self._est + est_s > self._budget:
+                self._boundary()
+            out = fn()
+            self._est += est_s
+            self.memory_s += est_s
+            return out
+
+    def run_split(self, plan: Split) -> None:
+        with self.lock:
+            per_row = self.rates.get(plan.key, plan.est_row_s)
+            i = 0
+            while i < plan.rows:
+                self._boundary()
+                left = plan.rows - i
+                if self._budget == float("inf"):
+                    n = left
+                else:
+                    n = max(1, min(left, int(self._budget / per_row)))
+                    if left - n < n // 4:        # no sliver of an atom at the end
+                        n = left
+                start = self.tev.record(raw_stream(self.dev))
+                plan.piece(i, i + n)
+                self._timing = (start, plan.key, n)
+                self._est = n * per_row
+                if plan.key[0] == "pw":
+                    self.memory_s += self._est
+                else:
+                    self.compute_s += self._est
+                i += n
+            self._budget = 0.0       # the next op starts a fresh atom
+
+    # -- atoms ------------------------------------------------------------------------
+    def _boundary(self) -> None:
+        if self._open:
+            self._close()
+        plan = self.arb.be_plan(self)
+        slots = plan.slots
+        if plan.kind != self.kind:
+            if threading.get_ident() == self.owner:
+                new = self.stream_for(plan.kind)
+                new.wait_stream(torch.cuda.current_stream())    # keep the job's order
+                torch.cuda.set_stream(new)
+                self.kind = plan.kind
+            else:
+                # autograd's thread: its stream is not ours to move, so the
+                # atom waits for every LC tenant wherever it runs
+                slots = self.arb.lc_slots()
+        self.arb.gates.wait(raw_stream(self.dev), slots)
+        self._open = True
+        self._est = 0.0
+        self._budget = plan.budget_s
+        self._seq = self.arb.lc_seq
+        self.t.atoms += 1
+
+    def _close(self) -> None:
+        stream = raw_stream(self.dev)
+        end = (self.tev if self._timing is not None else self.ev).record(stream)
+        self.inflight.append(_Atom(end, self._est, self._timing, self._seq, self.kind))
+        self._timing = None
+        self._open = False
+
+    def queued_s(self) -> float:
+        """Estimated GPU time of the atoms not yet finished."""
+        return sum(a.est_s for a in self.inflight) + (self._est if self._open else 0.0)
+
+    def reap(self) -> None:
+        """Retire finished atoms; learn from the ones that ran undisturbed."""
+        while self.inflight and self.ev.done(self.inflight[0].end):
+            a = self.inflight.popleft()
+            spent = a.est_s
+            if a.timing is not None:
+                start, key, rows = a.timing
+                spent = self.tev.elapsed_s(start, a.end)
+                undisturbed = (a.lc_seq == self.arb.lc_seq and not self.arb.lc_active
+                               and a.kind == "full")
+                if undisturbed and rows and spent > 0:
+                    r = spent / rows
+                    old = self.rates.get(key)
+                    self.rates[key] = r if old is None else 0.7 * old + 0.3 * r
+                self.tev.put(start, a.end)
+            else:
+                self.ev.put(a.end)
+            self.t.busy_s += spent
+
+    def wait_depth(self, depth: int) -> None:
+        self.reap()
+        if len(self.inflight) < depth:
+            return
+        t0 = time.perf_counter()
+        while True:
+            # while LC runs BE can only wait: leave the GIL to LC's threads
+            time.sleep(LC_YIELD_S if self.arb.lc_active else YIELD_S)
+            self.reap()
+            if len(self.inflight) < depth:
+                self.wait_depth_s += time.perf_counter() - t0
+                return
+
+    def drain(self) -> None:
+        with self.lock:
+            if self._open:
+                self._close()
+            while self.inflight:
+                self.ev.wait(self.inflight[0].end)
+                self.reap()
+
+    def close(self) -> None:
+        self.drain()
+        self.ev.close()
+        self.tev.close()
+
+    def sensitivity(self) -> float:
+        """Share of the time in FLOP-bound ops: the clock sensitivity estimate."""
+        total = self.compute_s + self.memory_s
+        return self.compute_s / total if total else 1.0
