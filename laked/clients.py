@@ -65,7 +65,7 @@ from typing import Any, Callable, Protocol, Sequence
 import msgpack
 import numpy as np
 
-from .ctl import MAX_MSG, Peer, close_listener
+from .ctl import MAX_MSG, Peer, close_listener, send_msg
 from .doorbell import EventfdDoorbell
 from .executor import Executor, choose_executor
 from .region import HDR_SIZE, Region, RegionError, layout_for
@@ -160,17 +160,6 @@ def recv_frame(conn: socket.socket) -> tuple[Any, list[int]]:
         raise _Malformed(f"frame is not msgpack: {e}") from None
 
 
-def send_frame(conn: socket.socket, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    data = msgpack.packb(obj, use_bin_type=True)
-    frame = struct.pack("<I", len(data)) + data
-    if fds:
-        sent = socket.send_fds(conn, [frame], list(fds))
-        if sent < len(frame):
-            conn.sendall(frame[sent:])
-    else:
-        conn.sendall(frame)
-
-
 # -- request fields ------------------------------------------------------------------------
 _MISSING = object()
 
@@ -219,6 +208,12 @@ def _retry(fn: Callable[[], Any]) -> Any:
         except RuntimeError:
             time.sleep(0)
     return fn()
+
+
+def _device_bytes(ex: Executor, info: dict[str, Any]) -> int:
+    """What a client holds on the device: the executor's sessions' allocations,
+    or what its uid was charged for them (the CPU executor allocates nothing)."""
+    return max(int(info.get("device_bytes", 0)), _retry(ex.charged_bytes))
 
 
 def meter(executor: Executor, ledger: MemoryLedger, uid: int) -> Executor:
@@ -337,8 +332,7 @@ class ClientServer:
             out.append({"tenant": t.name, "class": t.spec.cls, "pid": c.peer.pid,
                         "uid": c.peer.uid, "executor": ex.name,
                         "sessions": info.get("sessions", 0),
-                        "device_bytes": max(int(info.get("device_bytes", 0)),
-                                            _retry(ex.charged_bytes)),
+                        "device_bytes": _device_bytes(ex, info),
                         "requests": c.requests, "ring_requests": srv.stats.requests,
                         "region_mb": (c.region.size >> 20) if c.region else 0,
                         "connected_s": round(time.time() - c.connected, 1)})
@@ -376,7 +370,7 @@ class ClientServer:
     def _refuse(sock: socket.socket, why: str) -> None:
         try:
             sock.settimeout(1.0)
-            send_frame(sock, {"ok": False, "error": why})
+            send_msg(sock, {"ok": False, "error": why})
         except OSError:
             pass
         sock.close()
@@ -422,11 +416,11 @@ class ClientServer:
 
     def _reply(self, c: _Conn, reply: dict[str, Any]) -> bool:
         try:
-            send_frame(c.sock, reply)
+            send_msg(c.sock, reply)
         except (TypeError, ValueError) as e:   # a host result msgpack cannot carry
             log.error("%s: reply not serialisable: %s", c.label, e)
             try:
-                send_frame(c.sock, {"ok": False, "error": f"internal error: reply not "
+                send_msg(c.sock, {"ok": False, "error": f"internal error: reply not "
                                                           f"serialisable ({e})"})
             except OSError:
                 return False
@@ -681,8 +675,7 @@ class ClientServer:
         info = _retry(c.executor.info)
         return {"ok": True, "tenant": _retry(c.tenant.summary), "quota": quota,
                 "executor": c.executor.name, "sessions": info.get("sessions", 0),
-                "device_bytes": max(int(info.get("device_bytes", 0)),
-                                    _retry(c.executor.charged_bytes)),
+                "device_bytes": _device_bytes(c.executor, info),
                 "uid_device_bytes": self.ledger.used(c.peer.uid),
                 "requests": c.requests, "ring": _retry(c.server.info)}
 
@@ -705,7 +698,7 @@ class ClientServer:
         freed, sessions = 0, 0
         if c.executor is not None:
             info = _retry(c.executor.info)
-            freed = max(int(info.get("device_bytes", 0)), c.executor.charged_bytes())
+            freed = _device_bytes(c.executor, info)
             sessions = int(info.get("sessions", 0))
         label = c.label
         try:

@@ -13,7 +13,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import msgpack
 
@@ -44,9 +44,16 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
     return buf
 
 
-def send_msg(conn: socket.socket, obj: dict[str, Any]) -> None:
+def send_msg(conn: socket.socket, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """One frame; ``fds`` travel with it as SCM_RIGHTS (the client socket's hello)."""
     data = msgpack.packb(obj, use_bin_type=True)
-    conn.sendall(struct.pack("<I", len(data)) + data)
+    frame = struct.pack("<I", len(data)) + data
+    if fds:
+        sent = socket.send_fds(conn, [frame], list(fds))
+        if sent < len(frame):
+            conn.sendall(frame[sent:])
+    else:
+        conn.sendall(frame)
 
 
 def recv_msg(conn: socket.socket) -> dict[str, Any]:

@@ -53,12 +53,6 @@ def _nvidia_present() -> bool:
 
 def make_arbiter(cfg: Config) -> Arbiter:
     """The GPU arbiter when the executor may use a GPU and CUDA works, else the CPU one."""
-    try:
-        from .sched import make_arbiter as sched_make_arbiter  # type: ignore[attr-defined]
-    except ImportError:
-        pass
-    else:
-        return sched_make_arbiter(cfg)  # type: ignore[no-any-return]
     why = "executor cpu"
     if cfg.executor in ("gpu", "auto") and not _nvidia_present():
         # checked first: importing torch costs seconds (minutes in the emulated VM)
@@ -91,9 +85,7 @@ def make_host(cfg: Config, arbiter: Arbiter) -> Any:
         log.warning("hosting unavailable (%s): no hosted models or jobs", e)
         return None
     host = Host(cfg.repo_path, arbiter, admin_group=cfg.admin_group)
-    start = getattr(host, "start", None)
-    if start is not None:
-        start()         # loads the repository's models; failures are listed, not raised
+    host.start()        # loads the repository's models; failures are listed, not raised
     return host
 
 
@@ -272,9 +264,7 @@ class Daemon:
             self.clients.close()
             self.clients = None
         if self.host is not None:
-            close = getattr(self.host, "close", None)
-            if close is not None:
-                close()
+            self.host.close()
             self.host = None
         if self.dataplane is not None:
             self.dataplane.close()

@@ -24,7 +24,6 @@ that is never held while a model runs.
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import importlib.util
 import itertools
@@ -40,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .repo import JobConfig, ModelConfig, RepoError, Repository, check_name, config_dict
-from .sched.base import Arbiter, TenantState, percentile_ms
+from .sched.base import Arbiter, TenantState
 from .tenants import LC, TenantSpec
 
 log = logging.getLogger("laked.hosting")
@@ -89,27 +88,21 @@ class HostedModel:
     module: Any = None
     tenant: TenantState | None = None
     warmed: bool = False
-    requests: int = 0
-    errors: int = 0
-    latencies: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=4096))
-    stats_lock: threading.Lock = field(default_factory=threading.Lock)
     # BE requests of one model one at a time: an arbiter's be() paces one
     # thread's work per tenant (the GPU one keys its pacer to the thread)
     be_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def summary(self) -> dict[str, Any]:
         c = self.config
-        with self.stats_lock:
-            lat = sorted(self.latencies)
-            requests, errors = self.requests, self.errors
+        # its tenant counts its requests (the arbiter's view and this one agree)
+        t = self.tenant.summary() if self.tenant is not None else {}
         return {"name": self.name, "class": c.cls if c else None,
                 "quota_sms": c.quota_sms if c else None,
                 "priority": c.priority if c else None,
                 "max_batch": c.max_batch if c else None, "dtype": c.dtype if c else None,
                 "format": self.format, "state": self.state, "error": self.error,
-                "requests": requests, "errors": errors,
-                "p50_ms": percentile_ms(lat, 0.5), "p99_ms": percentile_ms(lat, 0.99)}
+                "requests": t.get("requests", 0), "errors": t.get("errors", 0),
+                "p50_ms": t.get("p50_ms"), "p99_ms": t.get("p99_ms")}
 
 
 def _outputs(name: str, out: Any) -> list[np.ndarray]:
@@ -324,29 +317,32 @@ class Host:
                     m.warmed = True
                 return _outputs(name, module(*xs))
 
-        t0 = time.perf_counter()
         try:
             if c.cls == LC:
-                out = self.arbiter.run_lc(tenant, fn, items=batch)
-            else:
-                with m.be_lock, self.arbiter.be(tenant):
-                    out = fn()
-                tenant.items += batch   # run_lc counts LC items; be() does not
+                return self.arbiter.run_lc(tenant, fn, items=batch)   # counts the request
+            return self._run_be(m, tenant, fn, batch)
         except HostError:
-            with m.stats_lock:
-                m.errors += 1
             raise
         except Exception as e:  # the model's own failure: this request only
-            with m.stats_lock:
-                m.errors += 1
             why = _run_error(e)
             log.warning("model %s: request failed: %s", name, why)
             log.debug("model %s: the whole error: %s", name, e)
             raise HostError(f"model {name} failed: {why}") from None
-        dt = time.perf_counter() - t0
-        with m.stats_lock:
-            m.requests += 1
-            m.latencies.append(dt)
+
+    def _run_be(self, m: HostedModel, tenant: TenantState,
+                fn: Callable[[], list[np.ndarray]], batch: int) -> list[np.ndarray]:
+        """A BE model's request, paced by be(); counted here as run_lc counts an LC
+        one (be() accounts device time, not requests)."""
+        t0 = time.perf_counter()
+        try:
+            with m.be_lock, self.arbiter.be(tenant):
+                out = fn()
+        except Exception:
+            tenant.errors += 1
+            raise
+        tenant.latencies.append(time.perf_counter() - t0)
+        tenant.requests += 1
+        tenant.items += batch
         return out
 
     # listing -------------------------------------------------------------

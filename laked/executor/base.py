@@ -16,7 +16,6 @@ CPU and GPU executors are metered alike.
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import logging
 from abc import ABC
@@ -119,21 +118,6 @@ class Executor(ABC):
     # Device-memory metering (None: unlimited); see the module docstring.
     mem_charge: Callable[[int], bool] | None = None
     mem_release: Callable[[int], None] | None = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        # Executors that override close() without calling ours (the GPU's
-        # frees its sessions itself) must still give their charges back.
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("close")
-        if own is not None and not getattr(own, "_releases_charges", False):
-            @functools.wraps(own)
-            def close(self: "Executor") -> None:
-                try:
-                    own(self)
-                finally:
-                    self.release_charges()
-            close._releases_charges = True  # type: ignore[attr-defined]
-            cls.close = close  # type: ignore[method-assign]
 
     def __init__(self, region: Region) -> None:
         self.region = region
@@ -241,7 +225,8 @@ class Executor(ABC):
                 "device_bytes": sum(s.device_bytes for s in self.sessions.values())}
 
     def close(self) -> None:
-        """Free every session's objects and what the executor holds."""
+        """Free every session's objects and what the executor holds (subclasses
+        that override this call it last: it gives the device-memory charges back)."""
         self.sessions.clear()
         self.release_charges()
 

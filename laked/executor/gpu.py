@@ -606,23 +606,25 @@ class GpuExecutor(Executor):
         s.alloc_bases.clear()
 
     def close(self) -> None:
-        self._make_current()
-        self.cu.cuCtxSynchronize()
-        self._stop_waiters()
-        for s in list(self.sessions.values()):
-            if not s.lost:
-                self._free_session(s)
-        self.sessions.clear()
-        for key in list(self._dev_models):
-            self.forget_model(key)
-        for ev in self._events:
-            self.cu.cuEventDestroy(ev)
-        self._events.clear()
-        if self.registered:
-            self.cu.cuMemHostUnregister(self.region.address)
-            self._set_registered(False)
-        self.cu.cuDevicePrimaryCtxRelease(self.dev)
-        os.close(self.wake_fd)
+        try:
+            self._make_current()
+            self.cu.cuCtxSynchronize()
+            self._stop_waiters()
+            for s in list(self.sessions.values()):
+                if not s.lost:
+                    self._free_session(s)
+            for key in list(self._dev_models):
+                self.forget_model(key)
+            for ev in self._events:
+                self.cu.cuEventDestroy(ev)
+            self._events.clear()
+            if self.registered:
+                self.cu.cuMemHostUnregister(self.region.address)
+                self._set_registered(False)
+            self.cu.cuDevicePrimaryCtxRelease(self.dev)
+            os.close(self.wake_fd)
+        finally:
+            super().close()     # forgets the sessions, gives device-memory charges back
 
     # -- INFER on the GPU -------------------------------------------------------------------
     def _compile_mlp(self) -> Any:

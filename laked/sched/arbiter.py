@@ -108,7 +108,6 @@ class GpuTenant(TenantState):
     allow_partition: bool = True          # False: work the partition cannot hold (graphs)
     pacer: Pacer | None = None            # BE
     events: Events | None = None          # LC: the event after each request
-    cu_active: bool = False               # kernel cu* work shut the gate, not yet reopened
 
     @property
     def is_lc(self) -> bool:
@@ -272,10 +271,7 @@ class GpuArbiter(Arbiter):
             finally:
                 self._leave(t)
             dt = time.perf_counter() - t0
-            t.latencies.append(dt)
-            t.requests += 1
-            t.items += items
-            t.busy_s += dt
+            t.record(dt, items)
             if t.model is not None:
                 t.model.observe(sms, dt)        # predicted first: misses are counted
             return out
@@ -313,28 +309,14 @@ class GpuArbiter(Arbiter):
             t.sms = t.partition.sms
             t.stream = t.partition.torch_stream(self.prio_hi)
 
-    # -- kernel (cu*) LC work: the executor shuts the gate at a launch, opens at a sync --
-    def cu_launch(self, t: GpuTenant, stream: Any) -> None:
-        if not t.cu_active:
-            t.cu_active = True
-            self._arrive(t, time.perf_counter())
-            self.gates.close(t.slot, stream)
-
-    def cu_sync(self, t: GpuTenant, streams: list[Any]) -> None:
-        if t.cu_active:
-            t.cu_active = False
-            for st in streams:
-                self.gates.open(t.slot, st)
-            self._leave(t)
-            t.requests += 1
-
     # -- BE ---------------------------------------------------------------------------
-    def _lc_view(self, now: float) -> tuple[bool, bool, bool, float, bool]:
-        """(any recent, full-GPU LC running, right-sized LC running, seconds to the
-        next predicted arrival, the next arrival is right-sized)."""
+    def _lc_view(self, ts: list[GpuTenant],
+                 now: float) -> tuple[bool, bool, bool, float, bool]:
+        """Of LC tenants ``ts``: (any recent, full-GPU LC running, right-sized LC
+        running, seconds to the next predicted arrival, that arrival is right-sized)."""
         recent = run_full = run_part = False
         room, room_part = INF, False
-        for t in self.lc_tenants():
+        for t in ts:
             if t.active:
                 recent = True
                 if t.partition is None:
@@ -366,8 +348,10 @@ class GpuArbiter(Arbiter):
         while True:
             p.wait_depth(k.depth)
             now = time.perf_counter()
-            recent, run_full, run_part, room, room_part = self._lc_view(now)
-            slots = self.lc_slots()
+            ts = self.lc_tenants()          # one snapshot per plan
+            recent, run_full, run_part, room, room_part = self._lc_view(ts, now)
+            slots = [t.slot for t in ts]
+            full_slots = [t.slot for t in ts if t.partition is None]
             if not recent:
                 return Plan(k.idle_atom_us / 1e6, "full", slots)
             if run_full:
@@ -378,7 +362,7 @@ class GpuArbiter(Arbiter):
                     continue
                 return Plan(atom, "full", slots)            # queued behind the gate
             if run_part:
-                return Plan(atom, "comp", self._full_lc_slots())
+                return Plan(atom, "comp", full_slots)
             if hold_since:
                 p.hold_s += now - hold_since
                 hold_since = now
@@ -388,16 +372,13 @@ class GpuArbiter(Arbiter):
             if room >= k.min_atom_us / 1e6:
                 return Plan(room, "full", slots)
             if room_part:
-                return Plan(atom, "comp", self._full_lc_slots())
+                return Plan(atom, "comp", full_slots)
             if not hold_since:
                 hold_since = now
             elif now - hold_since > k.hold_us / 1e6:
                 p.hold_s += now - hold_since
                 return Plan(atom, "full", slots)            # the prediction was wrong
             time.sleep(YIELD_S)
-
-    def _full_lc_slots(self) -> list[int]:
-        return [t.slot for t in self.lc_tenants() if t.partition is None]
 
     @contextlib.contextmanager
     def be(self, t: TenantState) -> Iterator[None]:
@@ -434,7 +415,7 @@ class GpuArbiter(Arbiter):
             p.drain()
 
     # -- views for laked status, top and the kernel's policy ----------------------------
-    def queue_delay_us(self, t: TenantState | None = None) -> int:
+    def queue_delay_us(self) -> int:
         """How long LC work arriving now would wait: the BE atom running (est.)."""
         worst = 0.0
         with self._tlock:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
-from ..tenants import LC, TenantSpec
+from ..tenants import TenantSpec
 
 T = TypeVar("T")
 
@@ -44,11 +44,17 @@ class TenantState:
     errors: int = 0
     latencies: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=4096))
-    created: float = field(default_factory=time.time)
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def record(self, seconds: float, items: int = 1) -> None:
+        """One request done in ``seconds`` of device time."""
+        self.latencies.append(seconds)
+        self.requests += 1
+        self.items += items
+        self.busy_s += seconds
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -114,11 +120,7 @@ class CpuArbiter(Arbiter):
         except Exception:
             t.errors += 1
             raise
-        dt = time.perf_counter() - t0
-        t.latencies.append(dt)
-        t.requests += 1
-        t.items += items
-        t.busy_s += dt
+        t.record(time.perf_counter() - t0, items)
         return out
 
     @contextlib.contextmanager
@@ -134,6 +136,3 @@ class CpuArbiter(Arbiter):
         out["why"] = "no usable GPU: hosted work runs on the CPU"
         return out
 
-
-def is_lc(t: TenantState) -> bool:
-    return t.spec.cls == LC

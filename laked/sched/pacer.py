@@ -73,9 +73,6 @@ class Pacer:
         self.hold_s = 0.0                        # ... holding for a predicted LC
 
     # -- what the atomizers call ----------------------------------------------------
-    def may_split(self) -> bool:
-        return True
-
     def budget_hint(self) -> float:
         """The atom budget the next boundary will most likely give."""
         return self.arb.budget_hint()

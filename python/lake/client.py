@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -34,11 +33,12 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
+from laked.ctl import recv_msg, send_msg
+
 from .ring import HeapExhausted, PeerGone, Ring, Session
 
 log = logging.getLogger("lake.client")
 
-MAX_MSG = 1 << 20
 OUT_MIN = 64 << 10          # first output buffer; it grows when laked says ``need``
 
 
@@ -56,16 +56,6 @@ class ClientError(RuntimeError):
 
 def default_path() -> Path:
     return Path(os.environ.get("LAKED_RUN_DIR", "/run/lake")) / "lake.sock"
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise PeerGone("laked closed the connection")
-        buf += chunk
-    return bytes(buf)
 
 
 class Client:
@@ -112,25 +102,18 @@ class Client:
 
     # -- plumbing ----------------------------------------------------------------------------
     def _exchange(self, request: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
-        data = msgpack.packb(request, use_bin_type=True)
-        frame = struct.pack("<I", len(data)) + data
         with self._lock:
             if self._closed:
                 raise ClientError("the client is closed")
             if self._lost:
                 raise PeerGone(f"the connection to laked is lost ({self._lost})")
             try:
-                if fds:
-                    sent = socket.send_fds(self.sock, [frame], list(fds))
-                    if sent < len(frame):
-                        self.sock.sendall(frame[sent:])
-                else:
-                    self.sock.sendall(frame)
-                (n,) = struct.unpack("<I", _recv_exact(self.sock, 4))
-                if n > MAX_MSG:
-                    raise ClientError(f"laked sent a reply of {n} bytes")
-                reply = msgpack.unpackb(_recv_exact(self.sock, n), raw=False)
-            except (OSError, ClientError, ValueError, msgpack.UnpackException) as e:
+                send_msg(self.sock, request, fds)
+                try:
+                    reply = recv_msg(self.sock)
+                except (ValueError, msgpack.UnpackException) as e:
+                    raise ClientError(f"laked sent a bad reply: {e}") from None
+            except (OSError, ClientError) as e:
                 # Out of step with laked (a timeout, a cut reply): a later reply could
                 # answer the wrong request, so this connection is done; laked then
                 # frees what it held for us.
@@ -139,11 +122,9 @@ class Client:
                     self.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass                # not connected any more anyway
-                if isinstance(e, (BrokenPipeError, ConnectionResetError)):
+                if isinstance(e, ConnectionError) and not isinstance(e, PeerGone):
                     raise PeerGone("laked closed the connection") from None
                 raise
-        if not isinstance(reply, dict):
-            raise ClientError(f"laked sent a reply that is not a map: {reply!r}")
         return reply
 
     def _call(self, request: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:

@@ -113,7 +113,10 @@ def sched_section(d: Any, train: Any) -> list[str]:
            "the whole GPU from any stream, so static runs LC eagerly and its ratios are to "
            "the eager isolated run). Workloads: scripts/bench/workloads.py. Static: LC on "
            f"{a['quota_sms']} SMs, BE on the rest. Goodput: share of LC requests within "
-           "1.25x the isolated p99. Knobs: laked's defaults "
+           "1.25x the isolated p99. Measured before the op atomizer kept ops of up to "
+           "1.5 atoms whole: that rule changes what is split only for the training job "
+           "(every op of the gemm and mem jobs is larger), whose follow-up run below "
+           "measures it. Knobs: laked's defaults "
            f"(`{json.dumps({k: v for k, v in d['knobs'].items() if k in ('atom_us', 'idle_atom_us', 'depth', 'hold_us')})}`).",
            "", "![LC p99 and BE throughput per pair](bench/sched_gpu.png)", "",
            "Isolated LC, and LC alone through the arbiter (the scheduler's own cost):", "",

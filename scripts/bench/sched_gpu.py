@@ -20,6 +20,7 @@ energy (lake), and writes JSON (+ a plot with --plot).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -40,24 +41,19 @@ if "--merge" not in sys.argv:
     import torch
 
     import workloads as W
+    from laked.sched import power
     from laked.sched.arbiter import GpuArbiter
     from laked.tenants import TenantSpec
 
 SLO_X = 1.25
 
 
-class Energy:
-    def __init__(self) -> None:
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-            self.h = pynvml.nvmlDeviceGetHandleByIndex(0)
-            self.nv: Any = pynvml
-        except Exception:  # noqa: BLE001 - energy is optional
-            self.nv = None
-
-    def mj(self) -> float:
-        return float(self.nv.nvmlDeviceGetTotalEnergyConsumption(self.h)) if self.nv else 0.0
+def energy_meter() -> Callable[[], float]:
+    """The GPU's energy counter in mJ (laked's NVML reader), or 0 without NVML."""
+    try:
+        return power.Nvml().energy_mj
+    except Exception:  # noqa: BLE001 - energy is optional
+        return lambda: 0.0
 
 
 def paced(run_one: Callable[[], float], n: int, period: float) -> list[float]:
@@ -153,15 +149,15 @@ def pctl(s: list[float], q: float) -> float:
 
 
 def measure(name: str, lc_one: Callable[[], float] | None, be: BeRunner | None,
-            args: argparse.Namespace, energy: Energy, seconds: float | None = None
+            args: argparse.Namespace, energy: Callable[[], float], seconds: float | None = None
             ) -> dict[str, Any]:
     res: dict[str, Any] = {"config": name}
-    ctx = be if be is not None else _Null()
+    ctx = be if be is not None else contextlib.nullcontext()
     with ctx:
         if lc_one is not None:        # steady state: LC's arrival history, caches
             paced(lc_one, args.warm, args.period_ms / 1e3)
         steps0 = be.steps if be else 0
-        e0, t0 = energy.mj(), time.perf_counter()
+        e0, t0 = energy(), time.perf_counter()
         gc.disable()
         try:
             if lc_one is not None:
@@ -173,7 +169,7 @@ def measure(name: str, lc_one: Callable[[], float] | None, be: BeRunner | None,
             gc.enable()
         dt = time.perf_counter() - t0
         steps = (be.steps - steps0) if be else 0
-        e1 = energy.mj()
+        e1 = energy()
     torch.cuda.synchronize()
     res["seconds"] = dt
     if lat:
@@ -189,16 +185,8 @@ def measure(name: str, lc_one: Callable[[], float] | None, be: BeRunner | None,
     return res
 
 
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
-             args: argparse.Namespace, energy: Energy, streams: dict[str, Any]
+             args: argparse.Namespace, energy: Callable[[], float], streams: dict[str, Any]
              ) -> list[dict[str, Any]]:
     out = []
     hi, lo = streams["hi"], streams["lo"]
@@ -272,7 +260,7 @@ def main() -> int:
         if knobs[k] is None:
             knobs[k] = float(v) if "." in v else int(v)
     torch.backends.cudnn.benchmark = False
-    energy = Energy()
+    energy = energy_meter()
     arb = GpuArbiter(knobs)
     parts = arb.parts
     lc_units = parts.units_for(args.quota_sms)

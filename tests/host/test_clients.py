@@ -780,8 +780,11 @@ def test_memory_quota_charges_on_success_and_releases_on_free_close_and_teardown
     assert ledger.used(1000) == 0 and ex.charged_bytes() == 0
 
     class OwnClose(FakeAllocExecutor):
-        def close(self) -> None:       # like the GPU executor: does not call ours
-            self.sessions.clear()
+        def close(self) -> None:       # like the GPU executor: its own, then the base's
+            try:
+                self.sessions.clear()
+            finally:
+                super().close()
     ex2 = meter(OwnClose(region()), ledger, 1000)
     ex2.execute(sqe(abi.LAKE_OP_MEM_ALLOC, 4096))
     assert ledger.used(1000) == 4096
