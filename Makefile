@@ -37,11 +37,11 @@ bench-vm: module
 # On the device machine (GPU; no module loading there).
 bench-gpu:
 	python3 scripts/bench/dataplane_gpu.py
-	for lc in gemm conv attn; do \
+	for lc in gemm conv attn kinfer; do \
 		python3 scripts/bench/sched_gpu.py --lc $$lc --stall-s 600 \
 			--out /tmp/lake-sched-$$lc.json || exit 1; done
 	python3 scripts/bench/sched_gpu.py --merge /tmp/lake-sched-gemm.json \
-		/tmp/lake-sched-conv.json /tmp/lake-sched-attn.json \
+		/tmp/lake-sched-conv.json /tmp/lake-sched-attn.json /tmp/lake-sched-kinfer.json \
 		--out docs/bench/sched_gpu.json --plot docs/bench/sched_gpu.png
 
 clean:

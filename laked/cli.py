@@ -324,7 +324,7 @@ def _print_arbiter(arb: dict[str, Any] | None, clients: list[dict[str, Any]]) ->
         click.echo(f"  tenant {t['name']} [{t['class']} {t['kind']} uid {t['uid']}]: "
                    f"{t['sms'] or 'cpu'} SMs ({t.get('partition', '-')}), requests "
                    f"{t['requests']}, p50 {_fmt(t['p50_ms'])} ms, p99 {_fmt(t['p99_ms'])} ms, "
-                   f"atoms {t['atoms']}, items {t['items']}, energy {t['energy_j']:.1f} J")
+                   f"atoms {t['atoms']}, launches {t.get('launches', 0)}, items {t['items']}, energy {t['energy_j']:.1f} J")
     for r in arb.get("rightsizing", []):
         click.echo(f"  right-size {r['kernel']}: {r['sms']} SMs; l(t)={r['m_us_sm']:.0f}/t"
                    f"+{r['b_us']:.0f} us, fit error {_fmt(r['fit_error'], '.1%')}, "
@@ -593,7 +593,8 @@ def top(ctx: click.Context, interval: float, count: int, as_json: bool) -> None:
     """Live per-tenant view of the GPU arbiter, then lake.ko's and laked's counters.
 
     Per tenant: class, kind, SMs it runs on, requests/s, items/s (throughput),
-    atoms/s, p50/p99 latency (recent requests), watts and joules (its share of
+    atoms/s, launches/s (cu* kernel launches: the kernel's tenant and user
+    clients' sessions), p50/p99 latency (recent requests), watts and joules (its share of
     the GPU's energy counter).
 
     \b
@@ -654,10 +655,11 @@ def _tenant_rates(prev: list[dict[str, Any]], cur: list[dict[str, Any]],
     for t in cur:
         p = before.get(t["name"], {})
         d = {k: (t.get(k, 0) - p.get(k, 0)) / interval
-             for k in ("requests", "items", "atoms", "energy_j")}
+             for k in ("requests", "items", "atoms", "launches", "energy_j")}
         rows.append({"name": t["name"], "class": t["class"], "kind": t["kind"],
                      "sms": t["sms"], "requests_per_s": d["requests"],
                      "items_per_s": d["items"], "atoms_per_s": d["atoms"],
+                     "launches_per_s": d["launches"],
                      "watts": d["energy_j"], "energy_j": t["energy_j"],
                      "p50_ms": t["p50_ms"], "p99_ms": t["p99_ms"]})
     return rows
@@ -668,11 +670,11 @@ def _print_tenant_rows(rows: list[dict[str, Any]]) -> None:
         click.echo("  (no tenants: laked not running, or nothing registered)")
         return
     click.echo(f"  {'TENANT':<28} {'CLASS':<5} {'KIND':<6} {'SMS':>4} {'REQ/s':>8} "
-               f"{'ITEMS/s':>9} {'ATOMS/s':>8} {'P50ms':>7} {'P99ms':>7} {'W':>6} {'J':>9}")
+               f"{'ITEMS/s':>9} {'ATOMS/s':>8} {'LAUNCH/s':>8} {'P50ms':>7} {'P99ms':>7} {'W':>6} {'J':>9}")
     for r in rows:
         click.echo(f"  {r['name'][:28]:<28} {r['class']:<5} {r['kind']:<6} {r['sms'] or 0:>4} "
                    f"{r['requests_per_s']:>8.1f} {r['items_per_s']:>9.1f} "
-                   f"{r['atoms_per_s']:>8.1f} {_fmt(r['p50_ms']):>7} {_fmt(r['p99_ms']):>7} "
+                   f"{r['atoms_per_s']:>8.1f} {r['launches_per_s']:>8.1f} {_fmt(r['p50_ms']):>7} {_fmt(r['p99_ms']):>7} "
                    f"{r['watts']:>6.1f} {r['energy_j']:>9.1f}")
 
 

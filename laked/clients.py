@@ -503,6 +503,7 @@ class ClientServer:
             raise ValueError(f"hello: region refused: {bad}")
         c.tenant = self._add_tenant(c, name, cls, quota_sms, priority)
         c.executor = self.make_executor(c.region, c.tenant, c.peer.uid)
+        c.executor.tenancy = self.arbiter.tenancy(c.tenant)    # its cu* launches are gated
         c.doorbell = EventfdDoorbell(sq_efd, cq_efd)
         c.server = Server(c.region, c.doorbell, c.executor)
         c.server.start()

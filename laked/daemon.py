@@ -23,7 +23,7 @@ from .config import Config
 from .costs import Cost, CostTable
 from .dataplane import DEV, DataPlane
 from .gpustat import GpuUtil
-from .sched.base import Arbiter, CpuArbiter
+from .sched.base import Arbiter, CpuArbiter, TenantState
 from .tenants import MemoryLedger
 
 if TYPE_CHECKING:   # imported for real only with lake.ko (not with --no-module)
@@ -105,6 +105,7 @@ class Daemon:
     host: Any = None                          # laked.hosting.Host, or None
     ledger: MemoryLedger | None = None        # device memory per uid, all clients
     clients: ClientServer | None = None
+    kernel_tenant: TenantState | None = None  # lake_infer GPU batches and kernel cu* sessions
 
     def __post_init__(self) -> None:
         self._sched_delay_error: str | None = None
@@ -246,6 +247,16 @@ class Daemon:
             self.dataplane = DataPlane.open(self.cfg.executor)
         except OSError as e:
             raise OSError(e.errno, f"cannot serve /dev/lake: {e.strerror}") from None
+        self._bind_kernel_tenant()
+
+    def _bind_kernel_tenant(self) -> None:
+        """The kernel's GPU work runs as one tenant of the arbiter ([kernel] in laked.toml)."""
+        assert self.arbiter is not None and self.dataplane is not None
+        spec = self.cfg.kernel_tenant()
+        self.kernel_tenant = self.arbiter.add_tenant(spec)
+        self.dataplane.executor.tenancy = self.arbiter.tenancy(self.kernel_tenant)
+        log.info("kernel work is tenant %r: %s, %s SMs, priority %d", spec.name, spec.cls,
+                 spec.quota_sms or "all", spec.priority)
 
     def _start_clients(self) -> None:
         """Hosted work and the client socket, after the data plane."""
@@ -269,6 +280,9 @@ class Daemon:
         if self.dataplane is not None:
             self.dataplane.close()
             self.dataplane = None
+        if self.kernel_tenant is not None and self.arbiter is not None:
+            self.arbiter.remove_tenant(self.kernel_tenant)
+            self.kernel_tenant = None
         with self.ctl_lock:
             if self.control is not None:
                 from .genl import ControlError

@@ -27,6 +27,7 @@ import numpy as np
 from .. import abi
 from ..mlp import FixedMLP
 from ..region import Region, RegionError, Sqe
+from ..sched.base import Tenancy
 
 log = logging.getLogger("laked.executor")
 
@@ -128,6 +129,8 @@ class Executor(ABC):
         self._handles = itertools.count(1)
         self._handlers: dict[int, Handler] = {}
         self._models: dict[tuple[int, int], FixedMLP] = {}
+        # whose work this is, for the arbiter (laked binds the kernel's or a client's tenant)
+        self.tenancy = Tenancy()
         for op, name in OP_NAMES.items():
             fn = getattr(self, f"op_{name}", None)
             if fn is not None:
@@ -263,7 +266,8 @@ class Executor(ABC):
                           f"payload {sqe.data_len} bytes, batch {batch} needs {in_len + out_len}")
         data = self.payload(sqe)
         x = np.frombuffer(data[:in_len], dtype="<i4").reshape(batch, n_in)
-        y = self.run_mlp(mid, version, model, x)
+        with self.tenancy.request(batch):
+            y = self.run_mlp(mid, version, model, x)
         data[in_len:] = np.ascontiguousarray(y, dtype="<i4").tobytes()
         return OK
 

@@ -169,6 +169,7 @@ class GpuExecutor(Executor):
         self._events: list[Any] = []        # free events, reused
         self._mlp_fn: Any = None
         self._mlp_mod: Any = None
+        self._infer_st: Any = None          # INFER's own stream (greatest priority)
         self._dev_models: dict[tuple[int, int], _DevModel] = {}
         self._want_register = register
         try:
@@ -357,7 +358,8 @@ class GpuExecutor(Executor):
             s.alloc_sizes.clear()
             s.alloc_bases.clear()
         self._events.clear()
-        self._mlp_fn = self._mlp_mod = None
+        self._mlp_fn = self._mlp_mod = self._infer_st = None
+        self.tenancy.context_lost()
         self._dev_models.clear()
         self._models.clear()
         if self.registered:
@@ -514,10 +516,19 @@ class GpuExecutor(Executor):
         s = self.session(sqe.session)
         mod = s.get(sqe.args[0], "module")
         name = bytes(self.payload(sqe)).split(b"\0", 1)[0]
-        fn = self._check(self.cu.cuModuleGetFunction(mod, name), "cuModuleGetFunction")
+        fn = self._function(mod, name)
         h = self.new_handle()
         s.objects[h] = ("function", fn)
         return (0, h, 0)
+
+    def _function(self, mod: Any, name: bytes) -> Any:
+        """A function, loaded now: with lazy loading its first launch would
+        allocate device memory, which must not happen while a gate is shut
+        (laked/sched/gate.py)."""
+        fn = self._check(self.cu.cuModuleGetFunction(mod, name), "cuModuleGetFunction")
+        if hasattr(self.cu, "cuFuncLoad"):          # CUDA 12.4+
+            self._check(self.cu.cuFuncLoad(fn), "cuFuncLoad")
+        return fn
 
     def op_mem_alloc(self, sqe: Sqe) -> Completion:
         if sqe.args[0] == 0:
@@ -553,9 +564,13 @@ class GpuExecutor(Executor):
         base = self.region.address
         ptrs = (ctypes.c_void_p * max(1, len(params)))(*[base + o for o, _n in params])
         stream = self._stream(sqe, a[8])
-        self._check(self.cu.cuLaunchKernel(fn, a[1], a[2], a[3], a[4], a[5], a[6], a[7],
-                                           stream, ctypes.addressof(ptrs), 0),
-                    "cuLaunchKernel")
+        token = self.tenancy.before_launch(stream)     # the arbiter's gate
+        try:
+            self._check(self.cu.cuLaunchKernel(fn, a[1], a[2], a[3], a[4], a[5], a[6], a[7],
+                                               stream, ctypes.addressof(ptrs), 0),
+                        "cuLaunchKernel")
+        finally:
+            self.tenancy.after_launch(stream, token)
         return OK
 
     def op_stream_create(self, sqe: Sqe) -> Completion:
@@ -570,6 +585,7 @@ class GpuExecutor(Executor):
         # CUDA destroys it once its work is done; its waiter drains, then ends.
         self._check(self.cu.cuStreamDestroy(st), "cuStreamDestroy")
         del s.objects[sqe.args[0]]
+        self.tenancy.forget(st)
         w = self._waiters.pop(int(st), None)
         if w is not None:
             w.q.put(None)
@@ -596,6 +612,7 @@ class GpuExecutor(Executor):
             self.cu.cuMemFree(dptr)
         for st in streams:
             self.cu.cuStreamDestroy(st)
+            self.tenancy.forget(st)
             w = self._waiters.pop(int(st), None)
             if w is not None:
                 w.q.put(None)
@@ -618,6 +635,10 @@ class GpuExecutor(Executor):
             for ev in self._events:
                 self.cu.cuEventDestroy(ev)
             self._events.clear()
+            if self._infer_st is not None:
+                self.tenancy.forget(self._infer_st)
+                self.cu.cuStreamDestroy(self._infer_st)
+                self._infer_st = None
             if self.registered:
                 self.cu.cuMemHostUnregister(self.region.address)
                 self._set_registered(False)
@@ -652,9 +673,18 @@ class GpuExecutor(Executor):
         nv.nvrtcGetPTX(prog, ptx)
         nv.nvrtcDestroyProgram(prog)
         self._mlp_mod = self._check(self.cu.cuModuleLoadData(ptx), "cuModuleLoadData")
-        self._mlp_fn = self._check(self.cu.cuModuleGetFunction(self._mlp_mod, b"lake_mlp_layer"),
-                                   "cuModuleGetFunction")
+        self._mlp_fn = self._function(self._mlp_mod, b"lake_mlp_layer")
         return self._mlp_fn
+
+    def _infer_stream(self) -> Any:
+        """INFER's stream: non-blocking (kernel sessions' work on the legacy
+        stream does not order it) at the greatest priority."""
+        if self._infer_st is None:
+            _lo, hi = self._check(self.cu.cuCtxGetStreamPriorityRange(), "priority range")
+            flags = int(self.cu.CUstream_flags.CU_STREAM_NON_BLOCKING)
+            self._infer_st = self._check(self.cu.cuStreamCreateWithPriority(flags, hi),
+                                         "cuStreamCreateWithPriority")
+        return self._infer_st
 
     def _upload(self, model: FixedMLP) -> _DevModel:
         layers = []
@@ -692,9 +722,26 @@ class GpuExecutor(Executor):
         if dm is None:
             dm = self._dev_models[(mid, version)] = self._upload(model)
         batch = x.shape[0]
-        a, b = self._batch_bufs(dm, batch)
+        a, b = self._batch_bufs(dm, batch)          # allocations first: no gate is shut yet
+        st = self._infer_stream()
         xs = np.ascontiguousarray(x, np.int32)
-        self._check(self.cu.cuMemcpyHtoD(a, xs.ctypes.data, xs.nbytes), "cuMemcpyHtoD")
+        self._check(self.cu.cuMemcpyHtoDAsync(a, xs.ctypes.data, xs.nbytes, st),
+                    "cuMemcpyHtoDAsync")
+        token = self.tenancy.before_launch(st)      # one gate for the whole batch
+        try:
+            src = self._mlp_layers(fn, dm, batch, a, b, st)
+        finally:
+            self.tenancy.after_launch(st, token)
+        out = np.empty((batch, dm.layers[-1][3]), np.int32)
+        # pageable destination: returns once the copy (and the layers) are done
+        self._check(self.cu.cuMemcpyDtoHAsync(out.ctypes.data, src, out.nbytes, st),
+                    "cuMemcpyDtoHAsync")
+        self._check(self.cu.cuStreamSynchronize(st), "cuStreamSynchronize")
+        return out
+
+    def _mlp_layers(self, fn: Any, dm: _DevModel, batch: int, a: int, b: int,
+                    st: Any) -> int:
+        """Queue every layer on ``st``; returns the buffer holding the output."""
         src, dst = a, b
         for i, (w, bias, n_in, n_out) in enumerate(dm.layers):
             relu = int(i != len(dm.layers) - 1)
@@ -705,9 +752,7 @@ class GpuExecutor(Executor):
             block = min(256, max(32, n_out))
             grid_y = min(batch, 65535)
             self._check(self.cu.cuLaunchKernel(fn, (n_out + block - 1) // block, grid_y, 1,
-                                               block, 1, 1, 0, self.cu.CUstream(0),
+                                               block, 1, 1, 0, st,
                                                ctypes.addressof(ptrs), 0), "cuLaunchKernel")
             src, dst = dst, src
-        out = np.empty((batch, dm.layers[-1][3]), np.int32)
-        self._check(self.cu.cuMemcpyDtoH(out.ctypes.data, src, out.nbytes), "cuMemcpyDtoH")
-        return out
+        return src

@@ -4,6 +4,7 @@
 - ``arbiter``: the GPU arbiter (torch, cuda-python), with ``gate`` (GPU-side
   gates), ``pacer`` and ``opmode`` (BE atoms), ``partition`` (green
   contexts), ``rightsize`` (l(t) = m/t + b), ``power`` (advise-only DVFS),
+  ``tenancy`` (the executor's raw-stream launches as a tenant's work),
   ``atoms``/``kernel_atoms`` (row ops, NVRTC block ranges), ``fast``.
 Nothing here is imported by laked's control plane unless a GPU is used, so
 laked still starts on machines without one.

@@ -15,6 +15,12 @@
   inter-arrival time, and held (at most ``hold_us``) when even a small
   atom would not fit.  Torch work is cut by the op-level atomizer
   (``opmode.py``), row ops by ``run_be``.
+- **Kernel and cu* tenants.**  Work the GPU executor launches on raw
+  streams (lake_infer GPU batches and kernel cu* sessions, as the tenant
+  ``kernel``; user clients' cu* sessions, as the client's tenant) is bound
+  to its tenant through ``tenancy()`` (``tenancy.py``): an LC tenant's
+  launches shut a gate per stream, a BE tenant's launches wait for the LC
+  gates.  Such work runs on the whole GPU and is not right-sized.
 - **Right-sizing.**  Per LC tenant, l(t) = m/t + b is fitted from its
   requests on the whole GPU and one probe on its quota's partition
   (``rightsize.py``); every request is predicted first and misses (off by
@@ -39,13 +45,14 @@ import torch
 from ..tenants import LC, TenantSpec
 from . import power
 from .atoms import RowOp
-from .base import Arbiter, TenantState
+from .base import Arbiter, Tenancy, TenantState
 from .gate import Gates
 from .opmode import AtomizeMode, Split
 from .fast import Events, ensure_ctx, ensure_thread, set_primary, using
 from .pacer import LC_YIELD_S, YIELD_S, Pacer, Plan
 from .partition import Partition, Partitions, check
 from .rightsize import KernelModel
+from .tenancy import GpuTenancy
 
 log = logging.getLogger("laked.sched")
 
@@ -108,6 +115,13 @@ class GpuTenant(TenantState):
     allow_partition: bool = True          # False: work the partition cannot hold (graphs)
     pacer: Pacer | None = None            # BE
     events: Events | None = None          # LC: the event after each request
+    stream_slots: dict[int, int] = field(default_factory=dict)  # LC raw streams' gates
+
+    def gate_slots(self) -> list[int]:
+        """Every gate BE must wait for on this LC tenant's behalf."""
+        if not self.stream_slots:
+            return [self.slot]
+        return [self.slot, *self.stream_slots.values()]
 
     @property
     def is_lc(self) -> bool:
@@ -207,6 +221,9 @@ class GpuArbiter(Arbiter):
         assert isinstance(t, GpuTenant)
         if t.pacer is not None:
             t.pacer.close()
+        for s in set(t.stream_slots.values()) - {t.slot}:
+            self.gates.release(s)
+        t.stream_slots.clear()
         if t.slot >= 0:
             if t.stream is not None:
                 t.stream.synchronize()
@@ -219,7 +236,10 @@ class GpuArbiter(Arbiter):
                     if isinstance(t, GpuTenant) and t.is_lc and t.slot >= 0]
 
     def lc_slots(self) -> list[int]:
-        return [t.slot for t in self.lc_tenants()]
+        return [s for t in self.lc_tenants() for s in t.gate_slots()]
+
+    def tenancy(self, t: TenantState) -> Tenancy:
+        return GpuTenancy(self, t)
 
     def _comp_stream(self) -> Any:
         """BE's stream on the SMs no right-sized LC tenant uses."""
@@ -350,8 +370,8 @@ class GpuArbiter(Arbiter):
             now = time.perf_counter()
             ts = self.lc_tenants()          # one snapshot per plan
             recent, run_full, run_part, room, room_part = self._lc_view(ts, now)
-            slots = [t.slot for t in ts]
-            full_slots = [t.slot for t in ts if t.partition is None]
+            slots = [s for t in ts for s in t.gate_slots()]
+            full_slots = [s for t in ts if t.partition is None for s in t.gate_slots()]
             if not recent:
                 return Plan(k.idle_atom_us / 1e6, "full", slots)
             if run_full:

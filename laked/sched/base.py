@@ -39,6 +39,7 @@ class TenantState:
     requests: int = 0                # LC requests done
     items: int = 0                   # items (batch rows, samples) done
     atoms: int = 0                   # BE atoms issued
+    launches: int = 0                # raw kernel launches (cu* sessions), see Tenancy
     busy_s: float = 0.0              # device time attributed to it
     energy_j: float = 0.0            # GPU energy attributed to it (NVML)
     errors: int = 0
@@ -62,9 +63,53 @@ class TenantState:
         return {"name": s.name, "class": s.cls, "kind": s.kind, "uid": s.uid,
                 "quota_sms": s.quota_sms, "priority": s.priority, "sms": self.sms,
                 "requests": self.requests, "items": self.items, "atoms": self.atoms,
+                "launches": self.launches,
                 "busy_s": round(self.busy_s, 6), "energy_j": round(self.energy_j, 3),
                 "errors": self.errors,
                 "p50_ms": percentile_ms(lat, 0.5), "p99_ms": percentile_ms(lat, 0.99)}
+
+
+class Tenancy:
+    """An executor's work (cu* launches, INFER batches) as one tenant's.
+
+    Executors call ``before_launch``/``after_launch`` around each kernel
+    launch on a raw CUDA stream and wrap an INFER batch in ``request``.
+    This one only counts (an unbound executor has ``Tenancy(None)``); the
+    GPU arbiter's (laked.sched.tenancy) also gates the launches.
+    """
+
+    def __init__(self, tenant: TenantState | None = None) -> None:
+        self.t = tenant
+
+    def before_launch(self, stream: Any) -> int:
+        """Called before a launch is queued on ``stream``; returns a token for after."""
+        if self.t is not None:
+            self.t.launches += 1
+        return -1
+
+    def after_launch(self, stream: Any, token: int) -> None:
+        """Called once the launch is queued (or failed to be)."""
+
+    def forget(self, stream: Any) -> None:
+        """``stream`` was destroyed."""
+
+    def context_lost(self) -> None:
+        """The executor reset the CUDA context: its streams are gone."""
+
+    @contextlib.contextmanager
+    def request(self, items: int) -> Iterator[None]:
+        """One request (an INFER batch of ``items`` rows), timed until it is done."""
+        t = self.t
+        if t is None:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            t.errors += 1
+            raise
+        t.record(time.perf_counter() - t0, items)
 
 
 class Arbiter:
@@ -93,6 +138,10 @@ class Arbiter:
 
     def run_lc(self, t: TenantState, fn: Callable[[], T], items: int = 1) -> T:
         raise NotImplementedError
+
+    def tenancy(self, t: TenantState) -> Tenancy:
+        """How an executor's cu* launches and INFER batches run as ``t``'s work."""
+        return Tenancy(t)
 
     @contextlib.contextmanager
     def be(self, t: TenantState) -> Iterator[None]:

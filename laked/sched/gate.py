@@ -35,7 +35,7 @@ from .partition import _driver, check
 
 log = logging.getLogger("laked.sched.gate")
 
-SLOTS = 64
+SLOTS = 256     # LC tenants' gates, one per raw stream of kernel/cu* tenants
 
 
 class GateError(RuntimeError):
@@ -62,7 +62,7 @@ class Gates:
     def slot(self) -> int:
         with self._lock:
             if not self._free:
-                raise RuntimeError(f"more than {SLOTS} LC tenants: no gate left")
+                raise RuntimeError(f"all {SLOTS} gates are taken (LC tenants and their streams)")
             return self._free.pop()
 
     def release(self, slot: int) -> None:

@@ -43,6 +43,7 @@ if "--merge" not in sys.argv:
     import workloads as W
     from laked.sched import power
     from laked.sched.arbiter import GpuArbiter
+    from laked.sched.base import Tenancy
     from laked.tenants import TenantSpec
 
 SLO_X = 1.25
@@ -75,6 +76,9 @@ def paced(run_one: Callable[[], float], n: int, period: float) -> list[float]:
 
 
 def direct_lc(lc: W.LcWork, stream: Any) -> Callable[[], float]:
+    if isinstance(lc, W.KernelInfer):
+        return lc.runner(Tenancy())             # laked's executor bound to no tenant
+
     def one() -> float:
         t = time.perf_counter()
         with torch.cuda.stream(stream):
@@ -85,6 +89,9 @@ def direct_lc(lc: W.LcWork, stream: Any) -> Callable[[], float]:
 
 
 def lake_lc(arb: GpuArbiter, t: Any, lc: W.LcWork) -> Callable[[], float]:
+    if isinstance(lc, W.KernelInfer):
+        return lc.runner(arb.tenancy(t))        # as laked binds the kernel's tenant
+
     def one() -> float:
         t0 = time.perf_counter()
         arb.run_lc(t, lc.run)
@@ -192,7 +199,7 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
     hi, lo = streams["hi"], streams["lo"]
     if "shared" in args.configs:
         out.append(measure("shared", direct_lc(lc, hi), BeRunner(be, lo), args, energy))
-    if "static" in args.configs:
+    if "static" in args.configs and getattr(lc, "partitionable", True):
         graph, lc.graph = lc.graph, None       # graphs would leave the partition
         try:
             out.append(measure("static", direct_lc(lc, streams["st_lc"]),
@@ -200,7 +207,8 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
         finally:
             lc.graph = graph
     if "lake" in args.configs:
-        tl = arb.add_tenant(TenantSpec(f"lc-{lc.name}", "LC", args.quota_sms, kind="model"))
+        kind = "kernel" if isinstance(lc, W.KernelInfer) else "model"
+        tl = arb.add_tenant(TenantSpec(f"lc-{lc.name}", "LC", args.quota_sms, kind=kind))
         tl.allow_partition = False              # a graph: the whole GPU
         tb = arb.add_tenant(TenantSpec(f"be-{be.name}", "BE", 0, kind="job"))
         try:
@@ -215,6 +223,8 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
         finally:
             arb.remove_tenant(tl)
             arb.remove_tenant(tb)
+    if isinstance(lc, W.KernelInfer):
+        lc.check()                              # the last request's output is still right
     for r in out:
         r["lc_work"], r["be_work"] = lc.name, be.name
         base = iso["lc_eager" if r["config"] == "static" else "lc"]

@@ -4,6 +4,10 @@ LC (latency-critical) requests, each a few hundred microseconds on an H100:
   gemm  16 dependent bf16 GEMMs [512x4096].[4096x4096] + ReLU
   conv  a 4-stage convolutional network on 64 images of 3x224x224 (bf16, NHWC)
   attn  a pre-norm transformer encoder block, 16 sequences of 512 tokens, d=1024
+  kinfer  the kernel's lake_infer GPU path: a batch of 1024 rows through a
+        LinnOS-sized fixed-point MLP (31-256-2), over lake's ring to laked's
+        GPU executor (lake.standin plays lake.ko; the device machine loads no
+        modules), as the daemon's kernel tenant
 BE (best-effort) steps:
   gemm  one 8192^3 bf16 GEMM
   mem   a memory-bound pass: y = x * a + b over 256 Mi float32 (4 GiB moved)
@@ -43,6 +47,55 @@ class LcWork:
             self.graph.replay()
         else:
             self.fn()
+
+
+class KernelInfer:
+    """kinfer: not torch work, so no graph and no partition (the executor's
+    raw streams live on the primary context); ``runner(tenancy)`` binds it
+    to an arbiter tenant the way laked binds the kernel's."""
+
+    name = "kinfer"
+    graph = None
+    partitionable = False
+
+    def __init__(self, batch: int = 1024) -> None:
+        import numpy as np
+
+        from lake.standin import StandIn
+        from laked import mlp
+        self.k = StandIn(size=64 << 20, executor="gpu")
+        self.s = self.k.session()
+        self.s.init()
+        self.model = mlp.quantize(*mlp.linnos_like(5))
+        blob = self.model.blob()
+        self.blob = (self.s.mem_alloc_host(len(blob)), len(blob))
+        self.k.write(self.blob[0], blob)
+        self.batch = batch
+        x = mlp.to_fixed(np.random.default_rng(1).normal(size=(batch, 31)), self.model.frac)
+        self.off = self.s.mem_alloc_host(batch * 33 * 4)
+        self.k.write(self.off, x.astype("<i4").tobytes())
+        self.want = self.model.run(x).astype("<i4").tobytes()
+
+    def capture(self, stream: Any) -> None:
+        pass
+
+    def run(self) -> None:
+        self.s.infer(1, 1, *self.blob, self.batch, 31, 2, self.off)
+
+    def runner(self, tenancy: Any) -> Callable[[], float]:
+        import time
+
+        def one() -> float:
+            self.k.executor.tenancy = tenancy
+            t0 = time.perf_counter()
+            self.run()
+            return time.perf_counter() - t0
+        return one
+
+    def check(self) -> None:
+        got = self.k.read(self.off + self.batch * 31 * 4, self.batch * 8)
+        if got != self.want:
+            raise AssertionError("kinfer: INFER output differs from the CPU reference")
 
 
 def lc_gemm() -> LcWork:
@@ -131,5 +184,5 @@ def be_train() -> BeWork:
     return BeWork("train", step, "step")
 
 
-LC = {"gemm": lc_gemm, "conv": lc_conv, "attn": lc_attn}
+LC = {"gemm": lc_gemm, "conv": lc_conv, "attn": lc_attn, "kinfer": KernelInfer}
 BE = {"gemm": be_gemm, "mem": be_mem, "train": be_train}

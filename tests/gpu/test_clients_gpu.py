@@ -225,3 +225,38 @@ def test_quotas_are_enforced_per_uid(laked: dict[str, Any]) -> None:
     assert "at most 64 SMs" in out["big"], out
     assert out["second"] == 2, out                # CUDA_ERROR_OUT_OF_MEMORY: 80 MiB > 64
     assert out["after_free"] == "allocated", out
+
+
+def test_be_client_launches_wait_for_an_lc_clients(laked: dict[str, Any]) -> None:
+    """Each client's cu* launches are its tenant's work in the arbiter: a BE
+    client's kernel queued while an LC client's kernel runs starts after it."""
+    sys.path.insert(0, str(ROOT / "tests" / "gpu"))
+    from kernels import SPIN_PTX
+
+    from lake.ring import Launch, u64
+    spin_80ms = u64(160_000_000)            # cycles: >= 80 ms at <= 2 GHz
+
+    def ready(c: Any) -> tuple[Any, int, int]:
+        s = c.session()
+        s.init()
+        return s, s.get_function(s.module_load(SPIN_PTX), "spin"), s.stream_create()
+
+    with _client(laked, name="k-lc", cls="LC") as lc, _client(laked, name="k-be", cls="BE") as be:
+        ls, lfn, lst = ready(lc)
+        bs, bfn, bst = ready(be)
+        t0 = time.perf_counter()
+        bs.launch(Launch(bfn, (1, 1, 1), (32, 1, 1), [u64(1000)], stream=bst))
+        bs.stream_sync(bst)
+        alone = time.perf_counter() - t0
+        ls.launch(Launch(lfn, (1, 1, 1), (32, 1, 1), [spin_80ms], stream=lst))
+        ls.null()                           # the LC launch has reached laked
+        t0 = time.perf_counter()
+        bs.launch(Launch(bfn, (1, 1, 1), (32, 1, 1), [u64(1000)], stream=bst))
+        bs.stream_sync(bst)
+        held = time.perf_counter() - t0
+        ls.stream_sync(lst)
+        assert alone < 0.04 and held >= 0.05, (alone, held)
+        ten = {t["name"]: t for t in _status(laked["run"])["arbiter"]["tenants"]}
+        lc_t = next(v for k, v in ten.items() if k.startswith("k-lc"))
+        be_t = next(v for k, v in ten.items() if k.startswith("k-be"))
+        assert lc_t["launches"] == 1 and be_t["launches"] == be_t["atoms"] == 2

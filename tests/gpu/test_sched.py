@@ -210,6 +210,133 @@ def test_gate_holds_be_until_lc_ends_and_watchdog_reopens(arb) -> None:  # type:
         arb.remove_tenant(lc)
 
 
+def _spin_cycles(ms: float) -> int:
+    """SM clock cycles that last at least ``ms`` (H100/H200 SMs clock at most 1980 MHz)."""
+    return int(2.0e6 * ms)
+
+
+def _wait_for(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.0005)
+
+
+@pytest.fixture
+def kernel_side(arb):  # type: ignore[no-untyped-def]
+    """laked's GPU executor bound to an LC tenant, as the daemon binds the kernel's."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from kernels import SPIN_PTX
+    from lake.standin import StandIn
+
+    from laked.tenants import TenantSpec
+    t = arb.add_tenant(TenantSpec("t-kernel", "LC", 0, kind="kernel"))
+    with StandIn(size=64 << 20, executor="gpu") as k:
+        k.executor.tenancy = arb.tenancy(t)
+        s = k.session()
+        s.init()
+        spin = s.get_function(s.module_load(SPIN_PTX), "spin")
+        yield k, s, spin, t
+        s.close()
+    arb.remove_tenant(t)
+
+
+def test_kernel_launches_hold_be_atoms_until_they_end(arb, kernel_side) -> None:  # type: ignore[no-untyped-def]
+    """Kernel cu* launches shut a gate per stream: a BE atom issued while the
+    kernel's work runs starts only once the last of its streams is done."""
+    from lake.standin import Launch, u64
+
+    from laked.tenants import TenantSpec
+    _k, s, spin, t = kernel_side
+    st_long, st_short = s.stream_create(), s.stream_create()
+    be = arb.add_tenant(TenantSpec("t-be-k", "BE", 0, kind="job"))
+    x = torch.randn(1024, 1024, device="cuda")
+    ref = x @ x
+    try:
+        with arb.be(be):
+            x @ x                                   # the BE path is warm
+        torch.cuda.synchronize()
+        n0 = t.launches
+        s.launch(Launch(spin, (1, 1, 1), (32, 1, 1), [u64(_spin_cycles(80))], stream=st_long))
+        s.launch(Launch(spin, (1, 1, 1), (32, 1, 1), [u64(_spin_cycles(5))], stream=st_short))
+        _wait_for(lambda: t.launches == n0 + 2)
+        assert len(t.stream_slots) >= 2            # one gate per stream
+        t0 = time.perf_counter()
+        with arb.be(be):
+            y = x @ x
+            ev = torch.cuda.Event()
+            ev.record()
+        time.sleep(0.03)                            # the short stream is done by now
+        assert not ev.query(), "BE ran while the kernel's long launch was running"
+        ev.synchronize()
+        held = time.perf_counter() - t0
+        assert held >= 0.06, held                   # until the 80 ms spin ended
+        assert torch.equal(y, ref)
+        s.stream_destroy(st_long)
+        s.stream_destroy(st_short)
+        assert not t.stream_slots                   # their gates went back
+        assert arb.gates.forced_opens == 0
+    finally:
+        arb.remove_tenant(be)
+
+
+def test_be_client_launches_wait_for_lc_and_infer_is_counted(arb, kernel_side) -> None:  # type: ignore[no-untyped-def]
+    """A BE client's cu* launches wait on the GPU for LC's gates (an unbound
+    executor's do not); the kernel's INFER batches are its tenant's requests."""
+    from kernels import SPIN_PTX
+    from lake.standin import Launch, StandIn, u64
+
+    from laked import mlp
+    from laked.tenants import TenantSpec
+    k, s, spin, t = kernel_side
+    be = arb.add_tenant(TenantSpec("t-be-client", "BE", 0, kind="client"))
+    lc_st = s.stream_create()
+
+    def tiny_launch_s(kb: StandIn) -> float:
+        """Seconds from an 80 ms LC launch to the end of a tiny launch of ``kb``'s."""
+        sb = kb.session()
+        sb.init()
+        fn = sb.get_function(sb.module_load(SPIN_PTX), "spin")
+        st = sb.stream_create()
+        n0 = t.launches
+        t0 = time.perf_counter()
+        s.launch(Launch(spin, (1, 1, 1), (32, 1, 1), [u64(_spin_cycles(80))], stream=lc_st))
+        _wait_for(lambda: t.launches == n0 + 1)
+        sb.launch(Launch(fn, (1, 1, 1), (32, 1, 1), [u64(1000)], stream=st))
+        sb.stream_sync(st)
+        took = time.perf_counter() - t0
+        s.stream_sync(lc_st)
+        sb.close()
+        return took
+
+    try:
+        with StandIn(size=16 << 20, executor="gpu") as kb:
+            free = tiny_launch_s(kb)                # not a tenant: runs beside LC
+        with StandIn(size=16 << 20, executor="gpu") as kb:
+            kb.executor.tenancy = arb.tenancy(be)
+            gated = tiny_launch_s(kb)
+        assert free < 0.04 and gated >= 0.06, (free, gated)
+        assert be.launches == be.atoms == 1         # only the bound executor's launch
+    finally:
+        arb.remove_tenant(be)
+    model = mlp.quantize(*mlp.linnos_like(5))
+    blob = model.blob()
+    boff = s.mem_alloc_host(len(blob))
+    k.write(boff, blob)
+    req0, items0 = t.requests, t.items
+    for batch in (1, 500):
+        xq = mlp.to_fixed(np.random.default_rng(batch).normal(size=(batch, 31)), model.frac)
+        off = s.mem_alloc_host(batch * 33 * 4)
+        k.write(off, xq.astype("<i4").tobytes())
+        s.infer(1, 1, boff, len(blob), batch, 31, 2, off)
+        y = np.frombuffer(k.read(off + batch * 31 * 4, batch * 8), "<i4").reshape(batch, 2)
+        assert np.array_equal(y, model.run(xq)), batch
+    assert (t.requests - req0, t.items - items0) == (2, 501)
+    summary = {x["name"]: x for x in arb.status()["tenants"]}["t-kernel"]
+    assert summary["launches"] >= 4 and summary["p50_ms"] is not None
+
+
 def test_atomize_mode_gives_identical_results(arb) -> None:  # type: ignore[no-untyped-def]
     from laked.tenants import TenantSpec
     arb.knobs.idle_atom_us = arb.knobs.atom_us = 2.0     # tiny atoms: big ops are split

@@ -144,3 +144,126 @@ def test_scheduler_knobs_are_checked_by_name_type_and_range() -> None:
                      ({"slip": 0.9}, "slip: at least 1.0")):
         with pytest.raises(ValueError, match=msg):
             Knobs.from_dict(bad)
+
+
+class _RecordingGates:
+    """The gates' bookkeeping without a GPU (their GPU effect is tested in
+    tests/gpu/test_sched.py): what the tenancy asked for, in order."""
+
+    def __init__(self, slots: int = 8) -> None:
+        self.free = list(range(slots - 1, -1, -1))
+        self.calls: list[tuple[str, int, int]] = []
+        self.fail_close = False
+
+    def slot(self) -> int:
+        if not self.free:
+            raise RuntimeError("all gates are taken")
+        return self.free.pop()
+
+    def release(self, slot: int) -> None:
+        self.calls.append(("release", slot, -1))
+        self.free.append(slot)
+
+    def close(self, slot: int, stream: int) -> None:
+        if self.fail_close:
+            from laked.sched.gate import GateError
+            raise GateError("cuStreamWriteValue32 (gate close) failed with CUresult 1")
+        self.calls.append(("close", slot, stream))
+
+    def open(self, slot: int, stream: int) -> None:
+        self.calls.append(("open", slot, stream))
+
+    def open_now(self, slot: int) -> None:
+        self.calls.append(("open_now", slot, -1))
+
+    def wait(self, stream: int, slots: list[int]) -> None:
+        self.calls.extend(("wait", s, stream) for s in slots)
+
+
+class _Arb:
+    """The GPU arbiter's LC bookkeeping that GpuTenancy uses."""
+
+    def __init__(self, gates: _RecordingGates) -> None:
+        self.gates = gates
+        self.lc: list = []
+        self.arrivals = 0
+        self.active = 0
+
+    def lc_slots(self) -> list[int]:
+        return [s for t in self.lc for s in t.gate_slots()]
+
+    def _arrive(self, t, now: float) -> None:  # type: ignore[no-untyped-def]
+        self.arrivals += 1
+        self.active += 1
+
+    def _leave(self, t) -> None:  # type: ignore[no-untyped-def]
+        self.active -= 1
+
+
+def _tenant(cls: str, slot: int):  # type: ignore[no-untyped-def]
+    pytest.importorskip("torch")
+    from laked.sched.arbiter import GpuTenant
+    from laked.tenants import TenantSpec
+    return GpuTenant(TenantSpec(f"t-{cls}", cls, 0, kind="kernel"), slot=slot)
+
+
+def test_lc_tenancy_gates_each_stream_on_its_own_and_gives_gates_back() -> None:
+    from laked.sched.tenancy import GpuTenancy
+    gates = _RecordingGates(slots=3)
+    arb = _Arb(gates)
+    t = _tenant("LC", gates.slot())
+    ten = GpuTenancy(arb, t)                     # type: ignore[arg-type]
+    assert not t.allow_partition and t.model is None
+    for stream in (0x10, 0x20, 0x10):
+        tok = ten.before_launch(stream)
+        ten.after_launch(stream, tok)
+    s10, s20 = t.stream_slots[0x10], t.stream_slots[0x20]
+    assert len({t.slot, s10, s20}) == 3         # a gate per stream, none the tenant's own
+    assert gates.calls == [("close", s10, 0x10), ("open", s10, 0x10),
+                           ("close", s20, 0x20), ("open", s20, 0x20),
+                           ("close", s10, 0x10), ("open", s10, 0x10)]
+    assert (t.launches, arb.arrivals, arb.active) == (3, 3, 0)
+    assert sorted(t.gate_slots()) == sorted([t.slot, s10, s20])
+    # out of gates: a third stream shares the tenant's gate, and keeps it on forget
+    tok = ten.before_launch(0x30)
+    ten.after_launch(0x30, tok)
+    assert t.stream_slots[0x30] == t.slot
+    gates.calls.clear()
+    for stream in (0x10, 0x20, 0x30):
+        ten.forget(stream)
+    assert gates.calls == [("release", s10, -1), ("release", s20, -1)]
+    assert not t.stream_slots
+
+
+def test_tenancy_goes_ungated_when_a_gate_fails(caplog: pytest.LogCaptureFixture) -> None:
+    from laked.sched.tenancy import GpuTenancy
+    gates = _RecordingGates()
+    arb = _Arb(gates)
+    t = _tenant("LC", gates.slot())
+    ten = GpuTenancy(arb, t)                     # type: ignore[arg-type]
+    gates.fail_close = True
+    with caplog.at_level("ERROR", logger="laked.sched"):
+        assert ten.before_launch(0x10) == -1
+    assert "no longer gated" in caplog.text and "CUresult 1" in ten.broken
+    gates.fail_close = False
+    gates.calls.clear()
+    ten.after_launch(0x10, ten.before_launch(0x10))
+    assert gates.calls == [] and t.launches == 2 and arb.active == 0
+    ten2 = GpuTenancy(arb, _tenant("LC", gates.slot()))  # type: ignore[arg-type]
+    ten2.before_launch(0x40)
+    ten2.context_lost()                          # the executor reset the context
+    assert not ten2.gt.stream_slots and "reset" in ten2.broken
+
+
+def test_be_tenancy_waits_for_every_lc_gate() -> None:
+    from laked.sched.tenancy import GpuTenancy
+    gates = _RecordingGates()
+    arb = _Arb(gates)
+    lc = _tenant("LC", gates.slot())
+    lc.stream_slots = {0x10: gates.slot(), 0x20: gates.slot()}
+    arb.lc = [lc]
+    be = _tenant("BE", -1)
+    ten = GpuTenancy(arb, be)                    # type: ignore[arg-type]
+    ten.after_launch(0x99, ten.before_launch(0x99))
+    assert gates.calls == [("wait", s, 0x99) for s in lc.gate_slots()]
+    assert (be.launches, be.atoms, arb.arrivals) == (1, 1, 0)

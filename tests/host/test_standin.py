@@ -10,12 +10,15 @@ import random
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from lake.standin import CallError, Heap, HeapExhausted, Launch, RingFull, StandIn, u64
-from laked import abi
+from laked import abi, mlp
 from laked.executor import CpuExecutor, choose_executor
 from laked.region import Sqe
+from laked.sched.base import CpuArbiter
+from laked.tenants import TenantSpec
 
 NO_DEVICE = abi.LAKE_CUDA_ERROR_NO_DEVICE
 
@@ -233,3 +236,31 @@ def test_dataplane_reports_executor_region_and_counters() -> None:
     dp.close()
     os.close(sq)
     os.close(cq)
+
+
+def test_infer_batches_are_the_bound_tenants_requests() -> None:
+    """laked binds the kernel's (or a client's) tenant to the executor: every
+    INFER batch is one request of it, a refused one is an error of it."""
+    arb = CpuArbiter()
+    t = arb.add_tenant(TenantSpec("kernel", "LC", 0, kind="kernel"))
+    model = mlp.quantize(*mlp.linnos_like(5))
+    blob = model.blob()
+    with StandIn(size=8 << 20, executor="cpu") as k:
+        k.executor.tenancy = arb.tenancy(t)
+        s = k.session()
+        boff = s.mem_alloc_host(len(blob))
+        k.write(boff, blob)
+        for batch in (1, 40):
+            x = mlp.to_fixed(np.random.default_rng(batch).normal(size=(batch, 31)), model.frac)
+            off = s.mem_alloc_host(batch * 33 * 4)
+            k.write(off, x.astype("<i4").tobytes())
+            s.infer(1, 1, boff, len(blob), batch, 31, 2, off)
+            y = np.frombuffer(k.read(off + batch * 31 * 4, batch * 8), "<i4").reshape(batch, 2)
+            assert np.array_equal(y, model.run(x))
+        with pytest.raises(CallError) as e:         # a batch of 0 rows is refused
+            s.infer(1, 1, boff, len(blob), 0, 31, 2, off)
+        assert e.value.code == abi.LAKE_CUDA_ERROR_INVALID_VALUE
+        s.close()
+    st = {x["name"]: x for x in arb.status()["tenants"]}["kernel"]
+    assert (st["requests"], st["items"]) == (2, 41)
+    assert st["p99_ms"] is not None and st["p99_ms"] > 0

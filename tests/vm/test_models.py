@@ -119,9 +119,17 @@ def test_bad_names_and_inputs(model: str) -> None:
         assert e.value.code == errno.ENOENT
 
 
+def kernel_tenant(laked: Laked) -> dict:  # type: ignore[type-arg]
+    st = laked.request({"op": "status"})["status"]  # type: ignore[index]
+    return {t["name"]: t for t in st["arbiter"]["tenants"]}["kernel"]
+
+
 def test_gpu_side_through_laked(laked: Laked, model: str) -> None:
-    """No GPU here: laked's CPU executor runs the INFER request, same bits."""
+    """No GPU here: laked's CPU executor runs the INFER request, same bits,
+    and counts it as the kernel tenant's work in the arbiter."""
     fixed = push(model, 8)
+    before = kernel_tenant(laked)
+    assert (before["class"], before["kind"]) == ("LC", "kernel")
     x = mlp.to_fixed(np.random.default_rng(9).normal(0, 1, (96, 31)), fixed.frac)
     y, target, fallback = infer(model, x, abi.LAKE_INFER_GPU)
     assert target == "gpu" and not fallback
@@ -131,6 +139,11 @@ def test_gpu_side_through_laked(laked: Laked, model: str) -> None:
     assert (target, fallback) == ("gpu", False) and np.array_equal(y, fixed.run(x))
     y, target, _ = infer(model, x[:4], abi.LAKE_INFER_POLICY)
     assert target == "cpu" and np.array_equal(y, fixed.run(x[:4]))
+    after = kernel_tenant(laked)
+    # two batches of 96 went to laked; the 4-row one stayed in the kernel
+    assert after["requests"] - before["requests"] == 2
+    assert after["items"] - before["items"] == 192
+    assert after["p50_ms"] is not None and after["errors"] == before["errors"]
 
 
 def test_gpu_failure_falls_back_to_cpu(no_laked: None, model: str) -> None:
