@@ -46,7 +46,7 @@ from ..tenants import LC, TenantSpec
 from . import power
 from .atoms import RowOp
 from .base import Arbiter, Tenancy, TenantState
-from .gate import Gates
+from .gate import GateError, Gates
 from .opmode import AtomizeMode, Split
 from .fast import Events, ensure_ctx, ensure_thread, set_primary, using
 from .pacer import LC_YIELD_S, YIELD_S, Pacer, Plan
@@ -221,14 +221,18 @@ class GpuArbiter(Arbiter):
         assert isinstance(t, GpuTenant)
         if t.pacer is not None:
             t.pacer.close()
-        for s in set(t.stream_slots.values()) - {t.slot}:
-            self.gates.release(s)
+        slots = set(t.stream_slots.values()) - {t.slot}
         t.stream_slots.clear()
         if t.slot >= 0:
             if t.stream is not None:
                 t.stream.synchronize()
-            self.gates.release(t.slot)
+            slots.add(t.slot)
             t.slot = -1
+        for s in slots:
+            try:
+                self.gates.release(s)
+            except GateError as e:      # e.g. the context was reset: the tenant goes anyway
+                log.warning("tenant %s: gate %d not reopened: %s", t.name, s, e)
 
     def lc_tenants(self) -> list[GpuTenant]:
         with self._tlock:
