@@ -184,6 +184,9 @@ class GpuExecutor(Executor):
         except Exception as e:  # noqa: BLE001 - e.g. no libcuda.so: cuda-python raises its own
             raise ExecutorUnavailable(f"CUDA driver unusable: {e}") from None
         self.device_name = bytes(name).split(b"\0", 1)[0].decode()
+        # cuFuncLoad needs it in the bindings and in the driver (12.4+)
+        version = self._check(self.cu.cuDriverGetVersion(), "cuDriverGetVersion")
+        self._func_load = hasattr(self.cu, "cuFuncLoad") and int(version) >= 12040
         self._make_current()
         # Waiters ring this; the server polls it beside the doorbell.
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -526,7 +529,7 @@ class GpuExecutor(Executor):
         allocate device memory, which must not happen while a gate is shut
         (laked/sched/gate.py)."""
         fn = self._check(self.cu.cuModuleGetFunction(mod, name), "cuModuleGetFunction")
-        if hasattr(self.cu, "cuFuncLoad"):          # CUDA 12.4+
+        if self._func_load:
             self._check(self.cu.cuFuncLoad(fn), "cuFuncLoad")
         return fn
 
@@ -582,10 +585,10 @@ class GpuExecutor(Executor):
     def op_stream_destroy(self, sqe: Sqe) -> Completion:
         s = self.session(sqe.session)
         st = s.get(sqe.args[0], "stream")
+        self.tenancy.forget(st)     # its gate goes back once its queued work has run
         # CUDA destroys it once its work is done; its waiter drains, then ends.
         self._check(self.cu.cuStreamDestroy(st), "cuStreamDestroy")
         del s.objects[sqe.args[0]]
-        self.tenancy.forget(st)
         w = self._waiters.pop(int(st), None)
         if w is not None:
             w.q.put(None)
@@ -611,8 +614,8 @@ class GpuExecutor(Executor):
         for dptr in list(s.alloc_sizes):
             self.cu.cuMemFree(dptr)
         for st in streams:
-            self.cu.cuStreamDestroy(st)
             self.tenancy.forget(st)
+            self.cu.cuStreamDestroy(st)
             w = self._waiters.pop(int(st), None)
             if w is not None:
                 w.q.put(None)
@@ -639,6 +642,7 @@ class GpuExecutor(Executor):
                 self.tenancy.forget(self._infer_st)
                 self.cu.cuStreamDestroy(self._infer_st)
                 self._infer_st = None
+            self.tenancy.close()
             if self.registered:
                 self.cu.cuMemHostUnregister(self.region.address)
                 self._set_registered(False)

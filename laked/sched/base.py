@@ -96,6 +96,9 @@ class Tenancy:
     def context_lost(self) -> None:
         """The executor reset the CUDA context: its streams are gone."""
 
+    def close(self) -> None:
+        """The executor closed, its work all done."""
+
     @contextlib.contextmanager
     def request(self, items: int) -> Iterator[None]:
         """One request (an INFER batch of ``items`` rows), timed until it is done."""

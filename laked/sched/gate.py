@@ -53,6 +53,11 @@ class Gates:
         self._free = list(range(SLOTS - 1, -1, -1))
         self._closed_at: dict[int, float] = {}      # slot -> host time of the close
         self._lock = threading.Lock()
+        # Held by the executor's tenancies from a gate's close to its open
+        # (LC) or from the wait to the launch (BE): the legacy stream and
+        # blocking streams order against each other, so a wait queued between
+        # another thread's close and open could hold that very open back.
+        self.issue_lock = threading.Lock()
         self.forced_opens = 0
         self._eq = int(cu.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ)
         self._stop = threading.Event()
@@ -87,9 +92,9 @@ class Gates:
     def open(self, slot: int, stream: int) -> None:
         """Queue "LC done" on ``stream``, after the work queued before it."""
         err, = self.cu.cuStreamWriteValue32(stream, self.base + 4 * slot, 0, 0)
-        self._closed_at.pop(slot, None)
-        if int(err):
+        if int(err):        # still recorded as shut: the watchdog reopens it
             raise GateError(f"cuStreamWriteValue32 (gate open) failed with CUresult {int(err)}")
+        self._closed_at.pop(slot, None)
 
     def wait(self, stream: int, slots: Iterable[int]) -> None:
         """Queue, on ``stream``, a wait until every flag of ``slots`` is 0."""

@@ -9,17 +9,23 @@ through torch, so the arbiter cannot atomize that work; it can gate it:
   work runs wait for it, and LC waits for at most the BE atom already
   running.  One gate per stream, because a flag shared by two streams
   would be opened by whichever finished first.  Launches also feed the
-  arrival predictor that sizes BE atoms.
+  arrival predictor that sizes BE atoms (per launch, not per request).
 - **BE tenant** (a user client that asked for BE): every launch first waits
   on the GPU for all LC gates.  Its kernels run whole: laked cannot cut a
   cubin it did not compile into block ranges.
 
-Nothing between a gate's close and its open allocates device memory (see
-gate.py's known stall): the executor loads functions eagerly and
-allocates before it launches.
+Close-launch-open (LC) and wait-launch (BE) are issued under the gates'
+``issue_lock``: the executors share the legacy stream, which orders against
+blocking streams, so a wait issued between another thread's close and open
+could otherwise hold back the very open it waits for.  A destroyed stream's
+gate goes back only once the work queued on it has run (its writes would
+otherwise land on the gate's next owner).  Nothing between a close and its
+open allocates device memory (gate.py's known stall): the executor loads
+functions eagerly and allocates before it launches.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -32,17 +38,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("laked.sched")
 
+NOTHING = -1        # tokens of before_launch: nothing held
+LOCKED = -2         # the issue lock is held, no gate to open (BE)
+_retired_keys = itertools.count(-1, -1)     # stream_slots keys of destroyed streams
+
 
 class GpuTenancy(Tenancy):
-    def __init__(self, arbiter: "GpuArbiter", tenant: TenantState) -> None:
+    def __init__(self, arbiter: GpuArbiter, tenant: TenantState) -> None:
         super().__init__(tenant)
         self.arb = arbiter
+        self.gates = arbiter.gates
         self.gt: GpuTenant = tenant     # type: ignore[assignment]
         # Raw streams live on the primary context: no green partition, so
         # no right-sizing (its predictor would see one size only)
         self.gt.allow_partition = False
         self.gt.model = None
         self.broken = ""                # why launches now go ungated
+        self._retiring: list[tuple[int, Any]] = []     # (stream_slots key, event)
 
     def _slot(self, stream: Any) -> int:
         t = self.gt
@@ -50,7 +62,7 @@ class GpuTenancy(Tenancy):
         slot = t.stream_slots.get(key)
         if slot is None:
             try:
-                slot = t.stream_slots[key] = self.arb.gates.slot()
+                slot = t.stream_slots[key] = self.gates.slot()
             except RuntimeError as e:
                 # out of gates: share the tenant's own (it may open early)
                 log.warning("%s: %s; stream %#x shares the tenant's gate", t.name, e, key)
@@ -61,40 +73,92 @@ class GpuTenancy(Tenancy):
         t = self.gt
         t.launches += 1
         if self.broken:
-            return -1
+            return NOTHING
+        if self._retiring:
+            self._reap()
+        self.gates.issue_lock.acquire()
         try:
             if not t.is_lc:
-                self.arb.gates.wait(stream, self.arb.lc_slots())
+                self.gates.wait(stream, self.arb.lc_slots())
                 t.atoms += 1
-                return -1
+                return LOCKED
             slot = self._slot(stream)
-            self.arb.gates.close(slot, stream)
+            self.gates.close(slot, stream)
         except (GateError, RuntimeError) as e:
+            self.gates.issue_lock.release()
             self._break(str(e))
-            return -1
+            return NOTHING
         self.arb._arrive(t, time.perf_counter())   # noqa: SLF001 - the arbiter's own tenant
         return slot
 
     def after_launch(self, stream: Any, token: int) -> None:
-        if token < 0:
+        if token == NOTHING:
             return
         try:
-            self.arb.gates.open(token, stream)
+            if token >= 0:
+                self.gates.open(token, stream)
         except GateError as e:
-            self._break(str(e))
-            self.arb.gates.open_now(token)
+            self._break(str(e))         # the watchdog reopens it: still recorded as shut
         finally:
-            self.arb._leave(self.gt)                # noqa: SLF001
+            self.gates.issue_lock.release()
+            if token >= 0:
+                self.arb._leave(self.gt)            # noqa: SLF001
 
     def forget(self, stream: Any) -> None:
-        slot = self.gt.stream_slots.pop(int(stream), None)
-        if slot is not None and slot != self.gt.slot:
-            self.arb.gates.release(slot)
+        """Called before ``stream`` is destroyed: its gate goes back once its work ran."""
+        t = self.gt
+        slot = t.stream_slots.pop(int(stream), None)
+        if slot is None or slot == t.slot:
+            return
+        cu = self.gates.cu
+        try:
+            err, = cu.cuStreamQuery(stream)
+            if int(err) == 0:
+                self.gates.release(slot)
+                return
+            ev = self._check(cu.cuEventCreate(
+                int(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING)), "cuEventCreate")
+            self._check(cu.cuEventRecord(ev, stream), "cuEventRecord")
+        except GateError as e:
+            log.warning("%s: gate %d of a destroyed stream not given back: %s", t.name, slot, e)
+            return
+        key = next(_retired_keys)
+        t.stream_slots[key] = slot      # BE keeps waiting on it meanwhile
+        self._retiring.append((key, ev))
+
+    def _reap(self) -> None:
+        """Give back the gates of destroyed streams whose work has run."""
+        cu = self.gates.cu
+        still = []
+        for key, ev in self._retiring:
+            err, = cu.cuEventQuery(ev)
+            if int(err) == int(cu.CUresult.CUDA_ERROR_NOT_READY):
+                still.append((key, ev))
+                continue
+            cu.cuEventDestroy(ev)
+            slot = self.gt.stream_slots.pop(key, None)
+            if slot is not None:
+                try:
+                    self.gates.release(slot)
+                except GateError as e:
+                    log.warning("%s: gate %d not given back: %s", self.gt.name, slot, e)
+        self._retiring = still
+
+    def close(self) -> None:
+        """The executor closed (its context synchronized): every gate can go back."""
+        self._reap()
 
     def context_lost(self) -> None:
         # The reset took the gates' memory (and torch's state) with it.
         self.gt.stream_slots.clear()
+        self._retiring.clear()
         self._break("the GPU context was reset after a fault")
+
+    def _check(self, ret: Any, what: str) -> Any:
+        err, *vals = ret
+        if int(err):
+            raise GateError(f"{what} failed with CUresult {int(err)}")
+        return vals[0] if vals else None
 
     def _break(self, why: str) -> None:
         if not self.broken:

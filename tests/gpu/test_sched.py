@@ -215,13 +215,6 @@ def _spin_cycles(ms: float) -> int:
     return int(2.0e6 * ms)
 
 
-def _wait_for(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.0005)
-
-
 @pytest.fixture
 def kernel_side(arb):  # type: ignore[no-untyped-def]
     """laked's GPU executor bound to an LC tenant, as the daemon binds the kernel's."""
@@ -260,15 +253,17 @@ def test_kernel_launches_hold_be_atoms_until_they_end(arb, kernel_side) -> None:
         n0 = t.launches
         s.launch(Launch(spin, (1, 1, 1), (32, 1, 1), [u64(_spin_cycles(80))], stream=st_long))
         s.launch(Launch(spin, (1, 1, 1), (32, 1, 1), [u64(_spin_cycles(5))], stream=st_short))
-        _wait_for(lambda: t.launches == n0 + 2)
+        s.null()                                    # both launches (and gates) are queued
+        assert t.launches == n0 + 2
         assert len(t.stream_slots) >= 2            # one gate per stream
         t0 = time.perf_counter()
         with arb.be(be):
             y = x @ x
             ev = torch.cuda.Event()
             ev.record()
-        time.sleep(0.03)                            # the short stream is done by now
-        assert not ev.query(), "BE ran while the kernel's long launch was running"
+            time.sleep(0.03)                        # the short stream is done by now
+            # asked before leaving the block: leaving it waits for the atoms
+            assert not ev.query(), "BE ran while the kernel's long launch was running"
         ev.synchronize()
         held = time.perf_counter() - t0
         assert held >= 0.06, held                   # until the 80 ms spin ended
@@ -299,10 +294,9 @@ def test_be_client_launches_wait_for_lc_and_infer_is_counted(arb, kernel_side) -
         sb.init()
         fn = sb.get_function(sb.module_load(SPIN_PTX), "spin")
         st = sb.stream_create()
-        n0 = t.launches
         t0 = time.perf_counter()
         s.launch(Launch(spin, (1, 1, 1), (32, 1, 1), [u64(_spin_cycles(80))], stream=lc_st))
-        _wait_for(lambda: t.launches == n0 + 1)
+        s.null()                                    # the LC launch and its gate are queued
         sb.launch(Launch(fn, (1, 1, 1), (32, 1, 1), [u64(1000)], stream=st))
         sb.stream_sync(st)
         took = time.perf_counter() - t0
