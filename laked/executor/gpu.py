@@ -577,7 +577,10 @@ class GpuExecutor(Executor):
         return OK
 
     def op_stream_create(self, sqe: Sqe) -> Completion:
-        st = self._check(self.cu.cuStreamCreate(sqe.args[0]), "cuStreamCreate")
+        flags = sqe.args[0]
+        if self.tenancy.nonblocking_streams:    # a BE tenant's (laked/sched/tenancy.py)
+            flags |= int(self.cu.CUstream_flags.CU_STREAM_NON_BLOCKING)
+        st = self._check(self.cu.cuStreamCreate(flags), "cuStreamCreate")
         h = self.new_handle()
         self.session(sqe.session).objects[h] = ("stream", st)
         return (0, h, 0)

@@ -78,6 +78,9 @@ class Tenancy:
     GPU arbiter's (laked.sched.tenancy) also gates the launches.
     """
 
+    # The executor creates its streams CU_STREAM_NON_BLOCKING when this is set.
+    nonblocking_streams = False
+
     def __init__(self, tenant: TenantState | None = None) -> None:
         self.t = tenant
 

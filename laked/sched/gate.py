@@ -53,11 +53,6 @@ class Gates:
         self._free = list(range(SLOTS - 1, -1, -1))
         self._closed_at: dict[int, float] = {}      # slot -> host time of the close
         self._lock = threading.Lock()
-        # Held by the executor's tenancies from a gate's close to its open
-        # (LC) or from the wait to the launch (BE): the legacy stream and
-        # blocking streams order against each other, so a wait queued between
-        # another thread's close and open could hold that very open back.
-        self.issue_lock = threading.Lock()
         self.forced_opens = 0
         self._eq = int(cu.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ)
         self._stop = threading.Event()
@@ -97,7 +92,9 @@ class Gates:
         self._closed_at.pop(slot, None)
 
     def wait(self, stream: int, slots: Iterable[int]) -> None:
-        """Queue, on ``stream``, a wait until every flag of ``slots`` is 0."""
+        """Queue, on ``stream``, a wait until every flag of ``slots`` is 0.
+
+        ``stream`` must be non-blocking: see laked/sched/tenancy.py."""
         for s in slots:
             err, = self.cu.cuStreamWaitValue32(stream, self.base + 4 * s, 0, self._eq)
             if int(err):

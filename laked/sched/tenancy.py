@@ -14,14 +14,18 @@ through torch, so the arbiter cannot atomize that work; it can gate it:
   on the GPU for all LC gates.  Its kernels run whole: laked cannot cut a
   cubin it did not compile into block ranges.
 
-Close-launch-open (LC) and wait-launch (BE) are issued under the gates'
-``issue_lock``: the executors share the legacy stream, which orders against
-blocking streams, so a wait issued between another thread's close and open
-could otherwise hold back the very open it waits for.  A destroyed stream's
-gate goes back only once the work queued on it has run (its writes would
-otherwise land on the gate's next owner).  Nothing between a close and its
-open allocates device memory (gate.py's known stall): the executor loads
-functions eagerly and allocates before it launches.
+Waits go only on non-blocking streams: a BE tenant's streams are created
+CU_STREAM_NON_BLOCKING (``nonblocking_streams``) and its launches on the
+legacy stream run ungated.  The executors share one context and so its
+legacy stream, which orders against every blocking stream: a wait on such
+a stream could sit in front of legacy work that an LC stream's open must
+follow, and that open is what the wait waits for (a cycle no watchdog
+breaks, since the open was queued).  The same ordering would make LC wait
+for whole BE kernels.  A destroyed stream's gate goes back only once the
+work queued on it has run (its writes would otherwise land on the gate's
+next owner).  Nothing between a close and its open allocates device memory
+(gate.py's known stall): the executor loads functions eagerly and
+allocates before it launches.
 """
 from __future__ import annotations
 
@@ -38,8 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("laked.sched")
 
-NOTHING = -1        # tokens of before_launch: nothing held
-LOCKED = -2         # the issue lock is held, no gate to open (BE)
+NOTHING = -1        # before_launch's token when there is no gate to open
 _retired_keys = itertools.count(-1, -1)     # stream_slots keys of destroyed streams
 
 
@@ -54,6 +57,8 @@ class GpuTenancy(Tenancy):
         self.gt.allow_partition = False
         self.gt.model = None
         self.broken = ""                # why launches now go ungated
+        self.nonblocking_streams = not self.gt.is_lc
+        self.ungated = 0                # BE launches on the legacy stream
         self._retiring: list[tuple[int, Any]] = []     # (stream_slots key, event)
 
     def _slot(self, stream: Any) -> int:
@@ -76,33 +81,31 @@ class GpuTenancy(Tenancy):
             return NOTHING
         if self._retiring:
             self._reap()
-        self.gates.issue_lock.acquire()
         try:
             if not t.is_lc:
-                self.gates.wait(stream, self.arb.lc_slots())
-                t.atoms += 1
-                return LOCKED
+                if int(stream) == 0:
+                    self.ungated += 1   # see the module docstring
+                else:
+                    self.gates.wait(stream, self.arb.lc_slots())
+                    t.atoms += 1
+                return NOTHING
             slot = self._slot(stream)
             self.gates.close(slot, stream)
         except (GateError, RuntimeError) as e:
-            self.gates.issue_lock.release()
             self._break(str(e))
             return NOTHING
         self.arb._arrive(t, time.perf_counter())   # noqa: SLF001 - the arbiter's own tenant
         return slot
 
     def after_launch(self, stream: Any, token: int) -> None:
-        if token == NOTHING:
+        if token < 0:
             return
         try:
-            if token >= 0:
-                self.gates.open(token, stream)
+            self.gates.open(token, stream)
         except GateError as e:
             self._break(str(e))         # the watchdog reopens it: still recorded as shut
         finally:
-            self.gates.issue_lock.release()
-            if token >= 0:
-                self.arb._leave(self.gt)            # noqa: SLF001
+            self.arb._leave(self.gt)                # noqa: SLF001
 
     def forget(self, stream: Any) -> None:
         """Called before ``stream`` is destroyed: its gate goes back once its work ran."""
@@ -120,18 +123,21 @@ class GpuTenancy(Tenancy):
                 int(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING)), "cuEventCreate")
             self._check(cu.cuEventRecord(ev, stream), "cuEventRecord")
         except GateError as e:
-            log.warning("%s: gate %d of a destroyed stream not given back: %s", t.name, slot, e)
+            # kept: the tenant's removal gives it back, after the executor's close
+            t.stream_slots[next(_retired_keys)] = slot
+            log.warning("%s: gate %d of a destroyed stream kept until the tenant goes: %s",
+                        t.name, slot, e)
             return
         key = next(_retired_keys)
         t.stream_slots[key] = slot      # BE keeps waiting on it meanwhile
         self._retiring.append((key, ev))
 
-    def _reap(self) -> None:
+    def _reap(self, wait: bool = False) -> None:
         """Give back the gates of destroyed streams whose work has run."""
         cu = self.gates.cu
         still = []
         for key, ev in self._retiring:
-            err, = cu.cuEventQuery(ev)
+            err, = cu.cuEventSynchronize(ev) if wait else cu.cuEventQuery(ev)
             if int(err) == int(cu.CUresult.CUDA_ERROR_NOT_READY):
                 still.append((key, ev))
                 continue
@@ -145,8 +151,8 @@ class GpuTenancy(Tenancy):
         self._retiring = still
 
     def close(self) -> None:
-        """The executor closed (its context synchronized): every gate can go back."""
-        self._reap()
+        """The executor closed: every gate goes back once its stream's work ran."""
+        self._reap(wait=True)
 
     def context_lost(self) -> None:
         # The reset took the gates' memory (and torch's state) with it.

@@ -135,7 +135,11 @@ class Client:
 
     # -- cu* over the ring -------------------------------------------------------------------
     def session(self) -> Session:
-        """A new cu* session (lake_session_open); ``close()`` frees its objects in laked."""
+        """A new cu* session (lake_session_open); ``close()`` frees its objects in laked.
+
+        A BE client's streams are non-blocking (laked gates them against LC
+        work) and its launches on stream 0 are not gated: order its work
+        with stream syncs, not with the legacy stream's implicit ordering."""
         return self.ring.session()
 
     # -- hosted models -------------------------------------------------------------------------
