@@ -119,8 +119,6 @@ class GpuTenant(TenantState):
 
     def gate_slots(self) -> list[int]:
         """Every gate BE must wait for on this LC tenant's behalf."""
-        if not self.stream_slots:
-            return [self.slot]
         return [self.slot, *self.stream_slots.values()]
 
     @property

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from .base import Tenancy, TenantState
 from .gate import GateError
+from .partition import check
 
 if TYPE_CHECKING:
     from .arbiter import GpuArbiter, GpuTenant
@@ -57,9 +58,16 @@ class GpuTenancy(Tenancy):
         self.gt.allow_partition = False
         self.gt.model = None
         self.broken = ""                # why launches now go ungated
-        self.nonblocking_streams = not self.gt.is_lc
-        self.ungated = 0                # BE launches on the legacy stream
         self._retiring: list[tuple[int, Any]] = []     # (stream_slots key, event)
+
+    @property
+    def nonblocking_streams(self) -> bool:     # type: ignore[override]
+        return not self.gt.is_lc
+
+    @property
+    def ungated(self) -> int:
+        """BE launches on the legacy stream (every other one waited at the gates)."""
+        return 0 if self.gt.is_lc else self.gt.launches - self.gt.atoms
 
     def _slot(self, stream: Any) -> int:
         t = self.gt
@@ -75,17 +83,15 @@ class GpuTenancy(Tenancy):
         return slot
 
     def before_launch(self, stream: Any) -> int:
+        super().before_launch(stream)      # counts it
         t = self.gt
-        t.launches += 1
         if self.broken:
             return NOTHING
         if self._retiring:
             self._reap()
         try:
             if not t.is_lc:
-                if int(stream) == 0:
-                    self.ungated += 1   # see the module docstring
-                else:
+                if int(stream) != 0:    # not the legacy stream: see the module docstring
                     self.gates.wait(stream, self.arb.lc_slots())
                     t.atoms += 1
                 return NOTHING
@@ -119,10 +125,10 @@ class GpuTenancy(Tenancy):
             if int(err) == 0:
                 self.gates.release(slot)
                 return
-            ev = self._check(cu.cuEventCreate(
-                int(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING)), "cuEventCreate")
-            self._check(cu.cuEventRecord(ev, stream), "cuEventRecord")
-        except GateError as e:
+            ev = check(cu.cuEventCreate(int(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING)),
+                       "cuEventCreate")
+            check(cu.cuEventRecord(ev, stream), "cuEventRecord")
+        except RuntimeError as e:       # GateError, or PartitionError from check
             # kept: the tenant's removal gives it back, after the executor's close
             t.stream_slots[next(_retired_keys)] = slot
             log.warning("%s: gate %d of a destroyed stream kept until the tenant goes: %s",
@@ -159,12 +165,6 @@ class GpuTenancy(Tenancy):
         self.gt.stream_slots.clear()
         self._retiring.clear()
         self._break("the GPU context was reset after a fault")
-
-    def _check(self, ret: Any, what: str) -> Any:
-        err, *vals = ret
-        if int(err):
-            raise GateError(f"{what} failed with CUresult {int(err)}")
-        return vals[0] if vals else None
 
     def _break(self, why: str) -> None:
         if not self.broken:

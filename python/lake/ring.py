@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
+
 from laked import abi
 from laked.executor import op_name
 from laked.region import Cqe, Region, Sqe, init_region, pack_launch_params
@@ -228,6 +230,12 @@ class Session:
         self.host_bufs.remove(off)
         self.k.heap.free(off)
 
+    def host_copy(self, data: bytes) -> int:
+        """A region buffer holding ``data`` (e.g. a model blob for ``infer``)."""
+        off = self.mem_alloc_host(len(data))
+        self.k.write(off, data)
+        return off
+
     def memcpy_htod(self, dptr: int, src: int | bytes, n: int | None = None) -> None:
         """From a region buffer (offset) directly, or from bytes through a staged payload."""
         if isinstance(src, int):
@@ -280,6 +288,19 @@ class Session:
         self.call(abi.LAKE_OP_INFER, (model_id, version, blob_off, blob_len, batch, n_in,
                                       n_out), data_off=data_off,
                   data_len=4 * batch * (n_in + n_out))
+
+    def infer_rows(self, model_id: int, version: int, blob_off: int, blob_len: int,
+                   x: np.ndarray, n_out: int) -> np.ndarray:
+        """``infer`` on int32 rows ``x`` (batch x n_in) through a region buffer of its own."""
+        batch, n_in = x.shape
+        off = self.mem_alloc_host(4 * batch * (n_in + n_out))
+        try:
+            self.k.write(off, np.ascontiguousarray(x, "<i4").tobytes())
+            self.infer(model_id, version, blob_off, blob_len, batch, n_in, n_out, off)
+            out = self.k.read(off + 4 * batch * n_in, 4 * batch * n_out)
+        finally:
+            self.mem_free_host(off)
+        return np.frombuffer(out, "<i4").reshape(batch, n_out)
 
     def close(self) -> None:
         """lake_session_close: laked frees the session's objects, we its host buffers."""

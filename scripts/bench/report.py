@@ -58,12 +58,20 @@ def vm_section(rt: Any, feat: Any) -> list[str]:
     return out
 
 
+# Until the device machine measures the current code again, say what these tables predate.
+STALE_GPU = ("Measured before the executor's launches and INFER batches became arbiter "
+             "tenants' work (commit dee5906 and later: a gate hook around every launch, "
+             "INFER on its own stream, one gate wait per LC raw stream in each BE atom); "
+             "no device was lent in the session that made that change, so these figures "
+             "are not yet re-measured on it.")
+
+
 def gpu_section(d: Any) -> list[str]:
     """dataplane_gpu.py writes its own table (copies, round trips, inference)."""
     if not d:
         return []
     return ["## On the device machine (laked's GPU executor via the user-space stand-in)",
-            "", d["table_md"].rstrip(), ""]
+            "", STALE_GPU, "", d["table_md"].rstrip(), ""]
 
 
 def crossover(feat: Any, gpu: Any) -> list[str]:
@@ -118,7 +126,8 @@ def sched_section(d: Any, train: Any) -> list[str]:
            "(every op of the gemm and mem jobs is larger), whose follow-up run below "
            "measures it. Knobs: laked's defaults "
            f"(`{json.dumps({k: v for k, v in d['knobs'].items() if k in ('atom_us', 'idle_atom_us', 'depth', 'hold_us')})}`).",
-           "", "![LC p99 and BE throughput per pair](bench/sched_gpu.png)", "",
+           "", STALE_GPU, "",
+           "![LC p99 and BE throughput per pair](bench/sched_gpu.png)", "",
            "Isolated LC, and LC alone through the arbiter (the scheduler's own cost):", "",
            "| LC | config | p50 (ms) | p99 (ms) | p50 ratio | p99 ratio |",
            "| --- | --- | --- | --- | --- | --- |"]

@@ -60,16 +60,15 @@ class KernelInfer:
 
     def __init__(self, batch: int = 1024) -> None:
         import numpy as np
-
         from lake.standin import StandIn
+
         from laked import mlp
         self.k = StandIn(size=64 << 20, executor="gpu")
         self.s = self.k.session()
         self.s.init()
         self.model = mlp.quantize(*mlp.linnos_like(5))
         blob = self.model.blob()
-        self.blob = (self.s.mem_alloc_host(len(blob)), len(blob))
-        self.k.write(self.blob[0], blob)
+        self.blob = (self.s.host_copy(blob), len(blob))
         self.batch = batch
         x = mlp.to_fixed(np.random.default_rng(1).normal(size=(batch, 31)), self.model.frac)
         self.off = self.s.mem_alloc_host(batch * 33 * 4)

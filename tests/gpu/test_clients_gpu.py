@@ -232,7 +232,6 @@ def test_be_client_launches_wait_for_an_lc_clients(laked: dict[str, Any]) -> Non
     client's kernel queued while an LC client's kernel runs starts after it."""
     sys.path.insert(0, str(ROOT / "tests" / "gpu"))
     from kernels import SPIN_PTX
-
     from lake.ring import Launch, u64
     spin_80ms = u64(160_000_000)            # cycles: >= 80 ms at <= 2 GHz
 

@@ -284,7 +284,7 @@ def test_be_client_launches_wait_for_lc_and_infer_is_counted(arb, kernel_side) -
 
     from laked import mlp
     from laked.tenants import TenantSpec
-    k, s, spin, t = kernel_side
+    _k, s, spin, t = kernel_side
     be = arb.add_tenant(TenantSpec("t-be-client", "BE", 0, kind="client"))
     lc_st = s.stream_create()
 
@@ -316,15 +316,11 @@ def test_be_client_launches_wait_for_lc_and_infer_is_counted(arb, kernel_side) -
         arb.remove_tenant(be)
     model = mlp.quantize(*mlp.linnos_like(5))
     blob = model.blob()
-    boff = s.mem_alloc_host(len(blob))
-    k.write(boff, blob)
+    boff = s.host_copy(blob)
     req0, items0 = t.requests, t.items
     for batch in (1, 500):
         xq = mlp.to_fixed(np.random.default_rng(batch).normal(size=(batch, 31)), model.frac)
-        off = s.mem_alloc_host(batch * 33 * 4)
-        k.write(off, xq.astype("<i4").tobytes())
-        s.infer(1, 1, boff, len(blob), batch, 31, 2, off)
-        y = np.frombuffer(k.read(off + batch * 31 * 4, batch * 8), "<i4").reshape(batch, 2)
+        y = s.infer_rows(1, 1, boff, len(blob), xq, 2)
         assert np.array_equal(y, model.run(xq)), batch
     assert (t.requests - req0, t.items - items0) == (2, 501)
     summary = {x["name"]: x for x in arb.status()["tenants"]}["t-kernel"]
