@@ -208,6 +208,10 @@ class Daemon:
 
     # -- lifecycle -----------------------------------------------------------
     def run(self, ready: Callable[[str | None], None] | None = None) -> int:
+        # Before CUDA starts: every stream its own hardware queue where the
+        # driver allows, so a BE stream held at a gate shares none with LC
+        # streams (laked/sched/gate.py); an operator's setting wins.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
         try:
             self.arbiter = make_arbiter(self.cfg)
             if self.sched_delay_source is None and hasattr(self.arbiter, "queue_delay_us"):

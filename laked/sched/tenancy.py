@@ -150,10 +150,7 @@ class GpuTenancy(Tenancy):
             cu.cuEventDestroy(ev)
             slot = self.gt.stream_slots.pop(key, None)
             if slot is not None:
-                try:
-                    self.gates.release(slot)
-                except GateError as e:
-                    log.warning("%s: gate %d not given back: %s", self.gt.name, slot, e)
+                self.gates.release(slot)
         self._retiring = still
 
     def close(self) -> None:

@@ -58,20 +58,12 @@ def vm_section(rt: Any, feat: Any) -> list[str]:
     return out
 
 
-# Until the device machine measures the current code again, say what these tables predate.
-STALE_GPU = ("Measured before the executor's launches and INFER batches became arbiter "
-             "tenants' work (commit dee5906 and later: a gate hook around every launch, "
-             "INFER on its own stream, one gate wait per LC raw stream in each BE atom); "
-             "no device was lent in the session that made that change, so these figures "
-             "are not yet re-measured on it.")
-
-
 def gpu_section(d: Any) -> list[str]:
     """dataplane_gpu.py writes its own table (copies, round trips, inference)."""
     if not d:
         return []
     return ["## On the device machine (laked's GPU executor via the user-space stand-in)",
-            "", STALE_GPU, "", d["table_md"].rstrip(), ""]
+            "", d["table_md"].rstrip(), ""]
 
 
 def crossover(feat: Any, gpu: Any) -> list[str]:
@@ -80,7 +72,7 @@ def crossover(feat: Any, gpu: Any) -> list[str]:
     cpu = {int(b): v[0] / 1e3 for b, v in feat["infer_cpu"].items()}
     g = {r["batch"]: r["median_us"] for r in gpu["infer_mlp_31_256_2"]}
     cross = next((b for b in sorted(cpu) if b in g and g[b] < cpu[b]), None)
-    return ["### CPU (in-kernel, VM) vs GPU (laked, H100) inference", "",
+    return [f"### CPU (in-kernel, VM) vs GPU (laked, {gpu['device']}) inference", "",
             "| batch | CPU median (us) | GPU median (us) |", "| --- | --- | --- |",
             *[f"| {b} | {f(cpu[b], 1)} | {f(g.get(b), 1)} |" for b in sorted(cpu)], "",
             f"Crossover (first batch where the GPU path is faster): **{cross}**. Caveat: the "
@@ -97,36 +89,36 @@ def _pair_rows(d: Any, configs: tuple[str, ...]) -> list[str]:
         mark = " **met**" if r["config"] == "lake" and ok else ""
         rows.append(f"| {r['lc_work']}+{r['be_work']} | {r['config']}{mark} | "
                     f"{f(r['lc']['p50_ms'], 3)} | {f(r['lc']['p99_ms'], 3)} | "
-                    f"{f(r['lc_p50_ratio'])}x | {f(r['lc_p99_ratio'])}x | {f(r['be_ratio'])} | "
+                    f"{f(r['lc']['max_ms'], 2)} | {f(r['lc_p50_ratio'])}x | "
+                    f"{f(r['lc_p99_ratio'])}x | {f(r['be_ratio'])} | "
                     f"{f(r['goodput'], 3)} | {f(r.get('energy_mj_per_lc'), 0)} |")
     return rows
 
 
-PAIR_HEAD = ["| LC+BE | config | LC p50 (ms) | LC p99 (ms) | p50 / isolated | p99 / isolated | "
-             "BE / solo | LC goodput | GPU mJ per LC request (BE's included) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+SHOWN_KNOBS = ("atom_us", "idle_atom_us", "depth", "hold_us", "gate_timeout_ms")
+
+PAIR_HEAD = ["| LC+BE | config | LC p50 (ms) | LC p99 (ms) | LC max (ms) | p50 / isolated | "
+             "p99 / isolated | BE / solo | LC goodput | GPU mJ per LC request (BE's included) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
 
-def sched_section(d: Any, train: Any) -> list[str]:
+def sched_section(d: Any) -> list[str]:
     if not d:
         return []
     a = d["args"]
     iso = [r for r in d["runs"] if r["config"] in ("isolated-lc", "isolated-lc-eager",
                                                     "lake-lc-alone")]
     out = ["## GPU arbiter (laked.sched) on the device machine", "",
-           f"One run (`scripts/bench/sched_gpu.py`, one process per LC workload, all in one "
-           f"device call): {d['device']}, torch {d['torch']}. LC requests every "
-           f"{a['period_ms']} ms, {a['requests']} per point after {a['warm']} discarded, GC "
-           "paused; LC is a CUDA graph replay in every config but static (a graph replays on "
-           "the whole GPU from any stream, so static runs LC eagerly and its ratios are to "
-           "the eager isolated run). Workloads: scripts/bench/workloads.py. Static: LC on "
+           f"`scripts/bench/sched_gpu.py`, one process per LC workload: {d['device']}, torch "
+           f"{d['torch']}; {_provenance(d)} LC requests every {a['period_ms']} ms, "
+           f"{a['requests']} per point after {a['warm']} discarded, GC paused; LC is a CUDA "
+           "graph replay in every config but static (a graph replays on the whole GPU from "
+           "any stream, so static runs LC eagerly and its ratios are to the eager isolated "
+           "run). Workloads: scripts/bench/workloads.py. Static: LC on "
            f"{a['quota_sms']} SMs, BE on the rest. Goodput: share of LC requests within "
-           "1.25x the isolated p99. Measured before the op atomizer kept ops of up to "
-           "1.5 atoms whole: that rule changes what is split only for the training job "
-           "(every op of the gemm and mem jobs is larger), whose follow-up run below "
-           "measures it. Knobs: laked's defaults "
-           f"(`{json.dumps({k: v for k, v in d['knobs'].items() if k in ('atom_us', 'idle_atom_us', 'depth', 'hold_us')})}`).",
-           "", STALE_GPU, "",
+           "1.25x the isolated p99. Knobs: laked's defaults "
+           f"(`{json.dumps({k: d['knobs'][k] for k in SHOWN_KNOBS})}`).",
+           "",
            "![LC p99 and BE throughput per pair](bench/sched_gpu.png)", "",
            "Isolated LC, and LC alone through the arbiter (the scheduler's own cost):", "",
            "| LC | config | p50 (ms) | p99 (ms) | p50 ratio | p99 ratio |",
@@ -144,19 +136,46 @@ def sched_section(d: Any, train: Any) -> list[str]:
         "Side by side (target for lake: p99 / isolated <= 1.25 and BE / solo >= 0.8):", ""]
     out += PAIR_HEAD + _pair_rows(d, ("shared", "static", "lake"))
     lake = [r for r in d["runs"] if r["config"] == "lake"]
+    forced = sum(max((r.get("gates_forced_open", 0) for r in lake if r["lc_work"] == w),
+                     default=0) for w in {r["lc_work"] for r in lake})
+    out += ["", f"Gates the watchdog had to reopen during these runs: {forced}."]
     out += ["", "Per-tenant GPU energy in the lake runs (NVML counter split by device time): " +
             "; ".join(f"{r['lc_work']}+{r['be_work']}: " + ", ".join(
                 f"{n} {v['energy_j']:.0f} J" for n, v in r.get("tenants", {}).items())
                 for r in lake) + ".", ""]
-    if train:
-        out += ["Follow-up run for the training BE job (a later device call, so not part of the "
-                "table above), after the op atomizer stopped splitting ops of up to 1.5 atoms: "
-                "a training step's ops are each about one atom already, and splitting them "
-                "made the Python issuer, not the GPU, the bottleneck next to LC work. (The "
-                "same job alone under the atomizer runs at 0.95 of direct: 3.69 vs 3.50 "
-                "ms/step.) Same script, lake config only, with its own isolated baselines:", ""]
-        out += PAIR_HEAD + _pair_rows(train, ("lake",)) + [""]
     return out
+
+
+def _provenance(d: Any) -> str:
+    """Which device calls the merged files came from (sched_gpu.py --merge)."""
+    note = d.get("provenance")
+    return f"{note} " if note else "all in one device call. "
+
+
+def trace_section(d: Any) -> list[str]:
+    """Where an LC request's time goes (sched_gpu.py --trace): tuning history."""
+    if not d:
+        return []
+    out = ["### Where the LC tail goes (diagnostic runs, `--trace`)", "",
+           d.get("provenance", ""), "",
+           "Mean of each part over the slowest 1 % of requests / the middle 50 % (ms): "
+           "host time before the request's first launch is queued (lock, gate close, "
+           "GIL), the issue itself, and GPU time from the first kernel's queueing to the "
+           "last one's end.", "",
+           "| LC+BE | gil_switch_us | p99 / isolated | BE / solo | total | before issue | "
+           "issue | GPU |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in d["runs"]:
+        tr = r.get("trace")
+        if not tr:
+            continue
+        slow, mid = tr["slowest_1pct"], tr["middle_50pct"]
+        pair = f"{r['lc_work']}+{r['be_work']}" if r.get("be_work") else f"{r['lc_work']} alone"
+        cells = [f"{slow[k]:.3f} / {mid[k]:.3f}" for k in ("total", "before_issue", "issue",
+                                                          "gpu")]
+        be = f(r["be_ratio"]) if "be_ratio" in r else "-"
+        out.append(f"| {pair} | {r.get('knobs', {}).get('gil_switch_us', '')} | "
+                   f"{f(r['lc_p99_ratio'])}x | {be} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def main() -> int:
@@ -168,7 +187,8 @@ def main() -> int:
     lines += vm_section(rt, feat)
     lines += gpu_section(gpu)
     lines += crossover(feat, gpu)
-    lines += sched_section(load("sched_gpu.json"), load("sched_gpu_train.json"))
+    lines += sched_section(load("sched_gpu.json"))
+    lines += trace_section(load("sched_gpu_trace.json"))
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {ROOT / 'docs' / 'benchmarks.md'}")
     return 0

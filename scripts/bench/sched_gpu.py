@@ -44,6 +44,7 @@ if "--merge" not in sys.argv:
     from laked.sched import power
     from laked.sched.arbiter import GpuArbiter
     from laked.sched.base import Tenancy
+    from laked.sched.fast import Events, raw_stream
     from laked.tenants import TenantSpec
 
 SLO_X = 1.25
@@ -88,15 +89,68 @@ def direct_lc(lc: W.LcWork, stream: Any) -> Callable[[], float]:
     return one
 
 
-def lake_lc(arb: GpuArbiter, t: Any, lc: W.LcWork) -> Callable[[], float]:
+def lake_lc(arb: GpuArbiter, t: Any, lc: W.LcWork, trace: "Trace | None" = None
+            ) -> Callable[[], float]:
     if isinstance(lc, W.KernelInfer):
         return lc.runner(arb.tenancy(t))        # as laked binds the kernel's tenant
+    if trace is not None:
+        return trace.wrap(arb, t, lc)
 
     def one() -> float:
         t0 = time.perf_counter()
         arb.run_lc(t, lc.run)
         return time.perf_counter() - t0
     return one
+
+
+class Trace:
+    """--trace: where each LC request's time goes (host before the issue, the
+    issue, GPU time from its first kernel's queueing to its last's end) and
+    what BE had queued when it arrived.  Diagnostics only: the events it
+    records cost a few microseconds, so traced runs are not the table's."""
+
+    def __init__(self) -> None:
+        self.ev = Events(timing=True)
+        self.rows: list[tuple[float, ...]] = []
+        self.be: Any = None                     # the BE tenant, when one runs
+
+    def wrap(self, arb: GpuArbiter, t: Any, lc: W.LcWork) -> Callable[[], float]:
+        box: dict[str, Any] = {}
+
+        def issue() -> None:
+            box["i0"] = time.perf_counter()
+            s = raw_stream(arb.dev)
+            box["e0"] = self.ev.record(s)
+            lc.run()
+            box["e1"] = self.ev.record(s)
+            box["i1"] = time.perf_counter()
+
+        def one() -> float:
+            p = self.be.pacer if self.be is not None else None
+            queued = list(p.inflight) if p is not None else []
+            t0 = time.perf_counter()
+            arb.run_lc(t, issue)
+            t1 = time.perf_counter()
+            gpu = self.ev.elapsed_s(box["e0"], box["e1"])
+            self.ev.put(box["e0"], box["e1"])
+            self.rows.append((t1 - t0, box["i0"] - t0, box["i1"] - box["i0"], gpu,
+                              len(queued), queued[0].est_s if queued else 0.0))
+            return t1 - t0
+        return one
+
+    def summary(self) -> dict[str, Any]:
+        """Mean of each part (ms) over the slowest 1 % and over the middle 50 %."""
+        rows = sorted(self.rows)
+        n = len(rows)
+        names = ("total", "before_issue", "issue", "gpu", "be_queued", "be_head_est")
+
+        def mean(sel: list[tuple[float, ...]]) -> dict[str, float]:
+            return {k: round(statistics.fmean(r[i] for r in sel) * (1 if i == 4 else 1e3), 3)
+                    for i, k in enumerate(names)}
+        out = {"slowest_1pct": mean(rows[-max(1, n // 100):]),
+               "middle_50pct": mean(rows[n // 4: 3 * n // 4])}
+        self.rows.clear()
+        return out
 
 
 class BeRunner:
@@ -211,9 +265,15 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
         tl = arb.add_tenant(TenantSpec(f"lc-{lc.name}", "LC", args.quota_sms, kind=kind))
         tl.allow_partition = False              # a graph: the whole GPU
         tb = arb.add_tenant(TenantSpec(f"be-{be.name}", "BE", 0, kind="job"))
+        trace = Trace() if args.trace else None
+        if trace is not None:
+            trace.be = tb
         try:
-            r = measure("lake", lake_lc(arb, tl, lc), BeRunner(be, arb=arb, tenant=tb),
+            r = measure("lake", lake_lc(arb, tl, lc, trace), BeRunner(be, arb=arb, tenant=tb),
                         args, energy)
+            if trace is not None:
+                r["trace"] = trace.summary()
+                print(f"  trace {lc.name}+{be.name}: {r['trace']}", flush=True)
             st = {t["name"]: t for t in arb.status()["tenants"]}
             r["tenants"] = {k: {x: st[k][x] for x in ("energy_j", "busy_s", "atoms",
                                                        "requests", "p50_ms", "p99_ms")}
@@ -255,6 +315,9 @@ def main() -> int:
     ap.add_argument("--plot", default="")
     ap.add_argument("--merge", nargs="+", default=[],
                     help="merge JSON files of runs (one per LC workload) into --out")
+    ap.add_argument("--trace", action="store_true",
+                    help="diagnostics: split each lake LC request's time (not for the table)")
+    ap.add_argument("--note", default="", help="with --merge: where the runs came from")
     ap.add_argument("--stall-s", type=float, default=0,
                     help="dump every thread's stack and exit if the run lasts this long")
     args = ap.parse_args()
@@ -302,7 +365,11 @@ def main() -> int:
         r_iso = measure("isolated-lc", direct_lc(lc, streams["hi"]), None, args, energy)
         tl = arb.add_tenant(TenantSpec(f"lc-{lc.name}-alone", "LC", 0, kind="model"))
         tl.allow_partition = False
-        r_alone = measure("lake-lc-alone", lake_lc(arb, tl, lc), None, args, energy)
+        trace = Trace() if args.trace else None
+        r_alone = measure("lake-lc-alone", lake_lc(arb, tl, lc, trace), None, args, energy)
+        if trace is not None:
+            r_alone["trace"] = trace.summary()
+            print(f"  trace {lc.name} alone: {r_alone['trace']}", flush=True)
         arb.remove_tenant(tl)
         il = {"lc": r_iso["lc"], "lc_eager": r_eager["lc"], "be": iso["be"]}
         for r in (r_eager, r_iso, r_alone):
@@ -332,9 +399,15 @@ def merge(args: argparse.Namespace) -> int:
     parts = [json.loads(Path(f).read_text()) for f in args.merge]
     out = dict(parts[0])
     out["runs"] = [r for p in parts for r in p["runs"]]
+    if any(p["knobs"] != parts[0]["knobs"] for p in parts):     # a knob sweep
+        for p in parts:
+            for r in p["runs"]:
+                r["knobs"] = p["knobs"]
     out["args"] = dict(parts[0]["args"], lc=",".join(p["args"]["lc"] for p in parts))
     out["scheduler"] = [p["scheduler"] for p in parts]
     out["merged_from"] = [Path(f).name for f in args.merge]
+    if args.note:
+        out["provenance"] = args.note
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     if args.plot:
         plot(out, args.plot)

@@ -319,3 +319,21 @@ def test_be_tenancy_waits_for_every_lc_gate() -> None:
     gates.calls.clear()
     ten.after_launch(0, ten.before_launch(0))
     assert gates.calls == [] and (be.launches, be.atoms, ten.ungated) == (2, 1, 1)
+
+
+def test_gate_watchdog_reopens_only_a_generation_held_too_long() -> None:
+    import ctypes
+
+    from laked.sched.gate import overdue
+    flags = (ctypes.c_uint32 * 4)()
+    seen: dict[int, tuple[int, float]] = {}
+    flags[1], flags[2] = 7, 8                   # two requests shut their gates at t=0
+    assert overdue(flags, seen, 0.0, 0.5) == []
+    flags[2] = 9                                # gate 2: its next request (8 ended)
+    assert overdue(flags, seen, 0.4, 0.5) == []
+    assert overdue(flags, seen, 0.6, 0.5) == [1]    # 7 held 0.6 s; 9 only 0.2 s
+    flags[1] = 0                                # the watchdog's store
+    assert overdue(flags, seen, 0.8, 0.5) == []
+    assert overdue(flags, seen, 1.2, 0.5) == [2]    # 9 held since 0.4
+    flags[2] = 0
+    assert overdue(flags, seen, 5.0, 0.5) == [] and seen == {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -118,6 +119,17 @@ class Laked:
     def pid(self) -> int:
         return int((self.run_dir / "laked.pid").read_text())
 
+    def freeze(self) -> None:
+        """SIGSTOP laked and wait until every thread has stopped: kill() only
+        queues the signal, and a thread busy on another (emulated) CPU can
+        still serve a request until it next enters the kernel."""
+        os.kill(self.pid, signal.SIGSTOP)
+        assert wait_for(lambda: _all_stopped(self.pid), timeout=30, interval=0.01), \
+            "laked did not stop on SIGSTOP"
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
     def log(self) -> str:
         p = self.run_dir / "laked.log"
         return p.read_text() if p.exists() else ""
@@ -161,6 +173,18 @@ def laked(module: None) -> Iterator[Laked]:
     if _shared.running():
         _shared.request({"op": "policy_unload"})
         _shared.request({"op": "util", "value": None})
+
+
+def _all_stopped(pid: int) -> bool:
+    """True when every thread of pid is in state T (stopped)."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            # the state follows the command name's closing parenthesis
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            continue
+    return bool(states) and all(s in ("T", "t") for s in states)
 
 
 def wait_for(pred, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]

@@ -77,13 +77,13 @@ def test_no_daemon_fails_fast(no_laked: None, dev: int) -> None:
 def test_slow_daemon_times_out_then_recovers(laked: Laked, dev: int) -> None:
     knob("timeout_ms", 300)
     before = stat("timeouts")
-    os.kill(laked.pid, signal.SIGSTOP)
+    laked.freeze()
     try:
         t = time.monotonic()
         assert null_rt(dev) == errno.ETIMEDOUT
         assert 0.25 < time.monotonic() - t < 30     # generous: the VM is emulated
     finally:
-        os.kill(laked.pid, signal.SIGCONT)
+        laked.thaw()
         knob("timeout_ms", 2000)
     assert stat("timeouts") == before + 1
     # the late completion was dropped cleanly; laked may need a moment to wake
@@ -93,14 +93,14 @@ def test_slow_daemon_times_out_then_recovers(laked: Laked, dev: int) -> None:
 def test_full_ring_backpressure_loses_nothing(laked: Laked, dev: int) -> None:
     knob("timeout_ms", 60000)
     waits = stat("sq_full_waits")
-    os.kill(laked.pid, signal.SIGSTOP)
+    laked.freeze()
     results: list[int] = []
     runner = threading.Thread(target=lambda: results.extend(parallel(dev, 300)))
     runner.start()
     try:
         assert wait_for(lambda: stat("sq_full_waits") > waits, timeout=30)
     finally:
-        os.kill(laked.pid, signal.SIGCONT)
+        laked.thaw()
     runner.join(120)
     knob("timeout_ms", 2000)
     assert results == [0] * 300
@@ -108,7 +108,7 @@ def test_full_ring_backpressure_loses_nothing(laked: Laked, dev: int) -> None:
 
 def test_daemon_killed_mid_request(laked: Laked, dev: int) -> None:
     knob("timeout_ms", 60000)
-    os.kill(laked.pid, signal.SIGSTOP)
+    laked.freeze()
     results: list[int] = []
     runner = threading.Thread(target=lambda: results.extend(parallel(dev, 20)))
     runner.start()
