@@ -162,8 +162,8 @@ def trace_section(d: Any) -> list[str]:
            "host time before the request's first launch is queued (lock, gate close, "
            "GIL), the issue itself, and GPU time from the first kernel's queueing to the "
            "last one's end.", "",
-           "| LC+BE | gil_switch_us | p99 / isolated | BE / solo | total | before issue | "
-           "issue | GPU |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| LC+BE | p99 / isolated | BE / solo | total | before issue | issue | GPU |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in d["runs"]:
         tr = r.get("trace")
         if not tr:
@@ -173,8 +173,7 @@ def trace_section(d: Any) -> list[str]:
         cells = [f"{slow[k]:.3f} / {mid[k]:.3f}" for k in ("total", "before_issue", "issue",
                                                           "gpu")]
         be = f(r["be_ratio"]) if "be_ratio" in r else "-"
-        out.append(f"| {pair} | {r.get('knobs', {}).get('gil_switch_us', '')} | "
-                   f"{f(r['lc_p99_ratio'])}x | {be} | " + " | ".join(cells) + " |")
+        out.append(f"| {pair} | {f(r['lc_p99_ratio'])}x | {be} | " + " | ".join(cells) + " |")
     return out + [""]
 
 

@@ -109,10 +109,13 @@ class Trace:
     what BE had queued when it arrived.  Diagnostics only: the events it
     records cost a few microseconds, so traced runs are not the table's."""
 
-    def __init__(self) -> None:
+    FIELDS = ("total", "before_issue", "issue", "gpu", "be_queued", "be_head_est")
+    SCALE = (1e3, 1e3, 1e3, 1e3, 1.0, 1e3)     # seconds to ms; be_queued is a count
+
+    def __init__(self, be: Any = None) -> None:
         self.ev = Events(timing=True)
         self.rows: list[tuple[float, ...]] = []
-        self.be: Any = None                     # the BE tenant, when one runs
+        self.be = be                            # the BE tenant, when one runs
 
     def wrap(self, arb: GpuArbiter, t: Any, lc: W.LcWork) -> Callable[[], float]:
         box: dict[str, Any] = {}
@@ -138,19 +141,17 @@ class Trace:
             return t1 - t0
         return one
 
-    def summary(self) -> dict[str, Any]:
-        """Mean of each part (ms) over the slowest 1 % and over the middle 50 %."""
+    def report(self, r: dict[str, Any], label: str) -> None:
+        """Mean of each part over the slowest 1 % and the middle 50 %, into ``r``."""
         rows = sorted(self.rows)
         n = len(rows)
-        names = ("total", "before_issue", "issue", "gpu", "be_queued", "be_head_est")
 
         def mean(sel: list[tuple[float, ...]]) -> dict[str, float]:
-            return {k: round(statistics.fmean(r[i] for r in sel) * (1 if i == 4 else 1e3), 3)
-                    for i, k in enumerate(names)}
-        out = {"slowest_1pct": mean(rows[-max(1, n // 100):]),
-               "middle_50pct": mean(rows[n // 4: 3 * n // 4])}
-        self.rows.clear()
-        return out
+            return {k: round(statistics.fmean(row[i] for row in sel) * self.SCALE[i], 3)
+                    for i, k in enumerate(self.FIELDS)}
+        r["trace"] = {"slowest_1pct": mean(rows[-max(1, n // 100):]),
+                      "middle_50pct": mean(rows[n // 4: 3 * n // 4])}
+        print(f"  trace {label}: {r['trace']}", flush=True)
 
 
 class BeRunner:
@@ -265,15 +266,12 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
         tl = arb.add_tenant(TenantSpec(f"lc-{lc.name}", "LC", args.quota_sms, kind=kind))
         tl.allow_partition = False              # a graph: the whole GPU
         tb = arb.add_tenant(TenantSpec(f"be-{be.name}", "BE", 0, kind="job"))
-        trace = Trace() if args.trace else None
-        if trace is not None:
-            trace.be = tb
+        trace = Trace(tb) if args.trace else None
         try:
             r = measure("lake", lake_lc(arb, tl, lc, trace), BeRunner(be, arb=arb, tenant=tb),
                         args, energy)
             if trace is not None:
-                r["trace"] = trace.summary()
-                print(f"  trace {lc.name}+{be.name}: {r['trace']}", flush=True)
+                trace.report(r, f"{lc.name}+{be.name}")
             st = {t["name"]: t for t in arb.status()["tenants"]}
             r["tenants"] = {k: {x: st[k][x] for x in ("energy_j", "busy_s", "atoms",
                                                        "requests", "p50_ms", "p99_ms")}
@@ -368,8 +366,7 @@ def main() -> int:
         trace = Trace() if args.trace else None
         r_alone = measure("lake-lc-alone", lake_lc(arb, tl, lc, trace), None, args, energy)
         if trace is not None:
-            r_alone["trace"] = trace.summary()
-            print(f"  trace {lc.name} alone: {r_alone['trace']}", flush=True)
+            trace.report(r_alone, f"{lc.name} alone")
         arb.remove_tenant(tl)
         il = {"lc": r_iso["lc"], "lc_eager": r_eager["lc"], "be": iso["be"]}
         for r in (r_eager, r_iso, r_alone):
@@ -399,10 +396,6 @@ def merge(args: argparse.Namespace) -> int:
     parts = [json.loads(Path(f).read_text()) for f in args.merge]
     out = dict(parts[0])
     out["runs"] = [r for p in parts for r in p["runs"]]
-    if any(p["knobs"] != parts[0]["knobs"] for p in parts):     # a knob sweep
-        for p in parts:
-            for r in p["runs"]:
-                r["knobs"] = p["knobs"]
     out["args"] = dict(parts[0]["args"], lc=",".join(p["args"]["lc"] for p in parts))
     out["scheduler"] = [p["scheduler"] for p in parts]
     out["merged_from"] = [Path(f).name for f in args.merge]
