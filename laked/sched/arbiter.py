@@ -11,10 +11,11 @@
   the gates first, so LC waits for at most the BE atom already running.
   BE atoms are about ``atom_us`` long while LC tenants are active (large,
   ``idle_atom_us``, when no LC request came for ``quiet_s``), sized to end
-  before the next LC arrival predicted from each LC tenant's mean
-  inter-arrival time, and held (at most ``hold_us``) when even a small
-  atom would not fit.  Torch work is cut by the op-level atomizer
-  (``opmode.py``), row ops by ``run_be``.
+  before the next LC arrival (predicted from each LC tenant's rhythm,
+  less ``lead_us`` for host jitter), and held when even a small atom
+  would not fit, until LC comes or is ``hold_us`` overdue (``plan.py``).
+  Torch work is cut by the op-level atomizer (``opmode.py``), row ops by
+  ``run_be``.
 - **Kernel and cu* tenants.**  Work the GPU executor launches on raw
   streams (lake_infer GPU batches and kernel cu* sessions, as the tenant
   ``kernel``; user clients' cu* sessions, as the client's tenant) is bound
@@ -49,15 +50,15 @@ from .base import Arbiter, Tenancy, TenantState
 from .gate import Gates
 from .opmode import AtomizeMode, Split
 from .fast import Events, ensure_ctx, ensure_thread, set_primary, using
-from .pacer import LC_YIELD_S, YIELD_S, Pacer, Plan
+from .pacer import LC_YIELD_S, YIELD_S, Pacer
 from .partition import Partition, Partitions, check
+from .plan import Ask, AtomKnobs, LcView, Plan, decide, next_due
 from .rightsize import KernelModel
 from .tenancy import GpuTenancy
 
 log = logging.getLogger("laked.sched")
 
 T = TypeVar("T")
-INF = float("inf")
 
 
 @dataclass
@@ -66,7 +67,8 @@ class Knobs:
     atom_us: float = 400.0          # BE atom while LC tenants are active (LithOS: 250-500)
     idle_atom_us: float = 2000.0    # BE atom when no LC request came for quiet_s
     min_atom_us: float = 60.0       # a smaller atom is not worth it: hold instead
-    hold_us: float = 1500.0         # longest hold for a predicted LC arrival
+    hold_us: float = 1500.0         # hold at most this long past a predicted LC arrival
+    lead_us: float = 100.0          # expect LC this much before its predicted arrival
     depth: int = 4                  # BE atoms queued per tenant (gated: LC waits for one)
     quiet_s: float = 1.0            # an LC tenant this long without requests is idle
     slip: float = 1.1               # right-sizing: latency within slip x whole GPU
@@ -110,6 +112,7 @@ class GpuTenant(TenantState):
     last_start: float = 0.0
     last_end: float = 0.0
     gap: float = 0.0                      # EWMA of inter-arrival, seconds
+    due: float = 0.0                      # predicted next arrival (host clock)
     model: KernelModel | None = None      # LC: right-sizing and prediction
     probed: bool = False
     allow_partition: bool = True          # False: work the partition cannot hold (graphs)
@@ -252,6 +255,7 @@ class GpuArbiter(Arbiter):
         if t.last_start:
             gap = now - t.last_start
             t.gap = gap if not t.gap else 0.8 * t.gap + 0.2 * gap
+            t.due = next_due(t.due, now, t.gap)
         t.last_start = now
         t.active += 1
         with self._lock:
@@ -329,28 +333,26 @@ class GpuArbiter(Arbiter):
             t.stream = t.partition.torch_stream(self.prio_hi)
 
     # -- BE ---------------------------------------------------------------------------
-    def _lc_view(self, ts: list[GpuTenant],
-                 now: float) -> tuple[bool, bool, bool, float, bool]:
-        """Of LC tenants ``ts``: (any recent, full-GPU LC running, right-sized LC
-        running, seconds to the next predicted arrival, that arrival is right-sized)."""
-        recent = run_full = run_part = False
-        room, room_part = INF, False
+    def _lc_view(self, ts: list[GpuTenant], now: float) -> LcView:
+        """What LC tenants ``ts`` are doing, and when the next one is due."""
+        v = LcView()
+        lead = self.knobs.lead_us / 1e6
         for t in ts:
             if t.active:
-                recent = True
+                v.recent = True
                 if t.partition is None:
-                    run_full = True
+                    v.run_full = True
                 else:
-                    run_part = True
+                    v.run_part = True
                 continue
             if not t.last_start or now - max(t.last_start, t.last_end) > self.knobs.quiet_s:
                 continue
-            recent = True
-            if t.gap:
-                until = t.last_start + t.gap - now
-                if until > -2 * t.gap and until < room:
-                    room, room_part = until, t.partition is not None
-        return recent, run_full, run_part, room, room_part
+            v.recent = True
+            if t.due:
+                until = t.due - lead - now
+                if until > -2 * t.gap and until < v.until_s:
+                    v.until_s, v.until_part = until, t.partition is not None
+        return v
 
     def budget_hint(self) -> float:
         """Cheap guess of the next atom budget (no waiting, no holds)."""
@@ -359,45 +361,29 @@ class GpuArbiter(Arbiter):
             return self.knobs.atom_us / 1e6
         return self.knobs.idle_atom_us / 1e6
 
-    def be_plan(self, p: Pacer) -> Plan:
-        """The next atom's budget, stream and gates (waits for room, holds before LC)."""
+    def be_plan(self, p: Pacer, need_s: float = 0.0) -> Plan:
+        """The next atom's budget, stream and gates (waits for room, holds before
+        LC); ``need_s``: the smallest atom that is of use (an unsplittable op)."""
         k = self.knobs
-        atom = k.atom_us / 1e6
-        hold_since = 0.0
+        ak = AtomKnobs(k.atom_us / 1e6, k.idle_atom_us / 1e6, k.min_atom_us / 1e6,
+                       k.hold_us / 1e6)
+        seq0 = self.lc_seq
         while True:
             p.wait_depth(k.depth)
             now = time.perf_counter()
             ts = self.lc_tenants()          # one snapshot per plan
-            recent, run_full, run_part, room, room_part = self._lc_view(ts, now)
-            slots = [s for t in ts for s in t.gate_slots()]
-            full_slots = [s for t in ts if t.partition is None for s in t.gate_slots()]
-            if not recent:
-                return Plan(k.idle_atom_us / 1e6, "full", slots)
-            if run_full:
-                if p.inflight:
-                    # an atom already waits behind the gate: issuing more now
-                    # gains nothing, and LC's threads want the GIL
-                    time.sleep(LC_YIELD_S)
-                    continue
-                return Plan(atom, "full", slots)            # queued behind the gate
-            if run_part:
-                return Plan(atom, "comp", full_slots)
-            if hold_since:
-                p.hold_s += now - hold_since
-                hold_since = now
-            room -= p.queued_s()
-            if room >= atom:
-                return Plan(atom, "full", slots)
-            if room >= k.min_atom_us / 1e6:
-                return Plan(room, "full", slots)
-            if room_part:
-                return Plan(atom, "comp", full_slots)
-            if not hold_since:
-                hold_since = now
-            elif now - hold_since > k.hold_us / 1e6:
-                p.hold_s += now - hold_since
-                return Plan(atom, "full", slots)            # the prediction was wrong
-            time.sleep(YIELD_S)
+            v = self._lc_view(ts, now)
+            ask = Ask(p.queued_s(), bool(p.inflight), need_s, self.lc_seq != seq0)
+            got = decide(v, ask, ak)
+            if got is not None:
+                kind, budget = got
+                slots = [s for t in ts if kind == "full" or t.partition is None
+                         for s in t.gate_slots()]
+                return Plan(budget, kind, slots)
+            # LC runs or is due: BE can only wait; leave the GIL to LC's threads
+            time.sleep(LC_YIELD_S if v.run_full else YIELD_S)
+            if not v.run_full:
+                p.hold_s += time.perf_counter() - now
 
     @contextlib.contextmanager
     def be(self, t: TenantState) -> Iterator[None]:

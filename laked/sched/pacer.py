@@ -33,13 +33,6 @@ SMALL_S = 20e-6      # ops estimated below this run without an atom boundary
 
 
 @dataclass
-class Plan:
-    budget_s: float              # inf: no limit
-    kind: str                    # "full" or "comp" (the complement of right-sized LC)
-    slots: list[int]             # gates to wait on before the atom
-
-
-@dataclass
 class _Atom:
     end: Any                     # driver event after the atom
     est_s: float
@@ -87,7 +80,7 @@ class Pacer:
             return fn()
         with self.lock:
             if not self._open or self._est + est_s > self._budget:
-                self._boundary()
+                self._boundary(est_s)
             out = fn()
             self._est += est_s
             self.memory_s += est_s
@@ -118,10 +111,10 @@ class Pacer:
             self._budget = 0.0       # the next op starts a fresh atom
 
     # -- atoms ------------------------------------------------------------------------
-    def _boundary(self) -> None:
+    def _boundary(self, need_s: float = 0.0) -> None:
         if self._open:
             self._close()
-        plan = self.arb.be_plan(self)
+        plan = self.arb.be_plan(self, need_s)
         slots = plan.slots
         if plan.kind != self.kind:
             if threading.get_ident() == self.owner:

@@ -95,7 +95,7 @@ def _pair_rows(d: Any, configs: tuple[str, ...]) -> list[str]:
     return rows
 
 
-SHOWN_KNOBS = ("atom_us", "idle_atom_us", "depth", "hold_us", "gate_timeout_ms")
+SHOWN_KNOBS = ("atom_us", "idle_atom_us", "depth", "hold_us", "lead_us", "gate_timeout_ms")
 
 PAIR_HEAD = ["| LC+BE | config | LC p50 (ms) | LC p99 (ms) | LC max (ms) | p50 / isolated | "
              "p99 / isolated | BE / solo | LC goodput | GPU mJ per LC request (BE's included) |",
@@ -162,8 +162,13 @@ def trace_section(d: Any) -> list[str]:
            "host time before the request's first launch is queued (lock, gate close, "
            "GIL), the issue itself, and GPU time from the first kernel's queueing to the "
            "last one's end.", "",
-           "| LC+BE | p99 / isolated | BE / solo | total | before issue | issue | GPU |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+           "BE running: share of requests that arrived while a BE atom was still on the "
+           "GPU. Arrival vs prediction: p1 / p99 of (arrival - predicted arrival), ms "
+           "(< 0: earlier than predicted). SM clock: NVML's, read after each request, "
+           "mean over the middle 50 %.", "",
+           "| LC+BE | p99 / isolated | BE / solo | total | before issue | issue | GPU | "
+           "BE running | arrival vs prediction | SM MHz |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in d["runs"]:
         tr = r.get("trace")
         if not tr:
@@ -172,8 +177,43 @@ def trace_section(d: Any) -> list[str]:
         pair = f"{r['lc_work']}+{r['be_work']}" if r.get("be_work") else f"{r['lc_work']} alone"
         cells = [f"{slow[k]:.3f} / {mid[k]:.3f}" for k in ("total", "before_issue", "issue",
                                                           "gpu")]
+        err = tr.get("pred_err_ms")
+        cells += [f(tr["be_running_share"]) if "be_running_share" in tr else "-",
+                  f"{err['p1']:.3f} / {err['p99']:.3f}" if err else "-",
+                  f"{mid['sm_mhz']:.0f}" if "sm_mhz" in mid else "-"]
         be = f(r["be_ratio"]) if "be_ratio" in r else "-"
         out.append(f"| {pair} | {f(r['lc_p99_ratio'])}x | {be} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def _iso_p99(d: Any) -> dict[str, float]:
+    return {r["lc_work"]: r["lc"]["p99_ms"] for r in d["runs"] if r["config"] == "isolated-lc"}
+
+
+def repeat_section(d: Any, main: Any) -> list[str]:
+    """The lake rows of another full run: how much a single run's ratios move,
+    and the main run's p99 against the lower isolated p99 of the two (one
+    noisy isolated run can flatter every ratio of its LC workload)."""
+    if not d:
+        return []
+    out = ["### Repeat run", "", f"The lake rows of {d.get('provenance', 'another run.')} "
+           "Last column: the main table's lake p99 over the lower of the two runs' isolated "
+           "p99s.", "",
+           "| LC+BE | isolated p99 (ms) | LC p99 (ms) | p99 / isolated | BE / solo | "
+           "main run: p99 / lower isolated p99 |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    iso, iso_main = _iso_p99(d), _iso_p99(main) if main else {}
+    lake_main = {(r["lc_work"], r["be_work"]): r["lc"]["p99_ms"]
+                 for r in (main or {}).get("runs", []) if r["config"] == "lake"}
+    for r in d["runs"]:
+        if r["config"] != "lake":
+            continue
+        w = r["lc_work"]
+        m = lake_main.get((w, r["be_work"]))
+        low = min(iso[w], iso_main.get(w, iso[w]))
+        out.append(f"| {w}+{r['be_work']} | {f(iso[w], 3)} | {f(r['lc']['p99_ms'], 3)} | "
+                   f"{f(r['lc_p99_ratio'])}x | {f(r['be_ratio'])} | "
+                   f"{f(m / low) + 'x' if m else '-'} |")
     return out + [""]
 
 
@@ -186,7 +226,9 @@ def main() -> int:
     lines += vm_section(rt, feat)
     lines += gpu_section(gpu)
     lines += crossover(feat, gpu)
-    lines += sched_section(load("sched_gpu.json"))
+    sched = load("sched_gpu.json")
+    lines += sched_section(sched)
+    lines += repeat_section(load("sched_gpu_repeat.json"), sched)
     lines += trace_section(load("sched_gpu_trace.json"))
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {ROOT / 'docs' / 'benchmarks.md'}")

@@ -105,17 +105,23 @@ def lake_lc(arb: GpuArbiter, t: Any, lc: W.LcWork, trace: "Trace | None" = None
 
 class Trace:
     """--trace: where each LC request's time goes (host before the issue, the
-    issue, GPU time from its first kernel's queueing to its last's end) and
-    what BE had queued when it arrived.  Diagnostics only: the events it
-    records cost a few microseconds, so traced runs are not the table's."""
+    issue, GPU time from its first kernel's queueing to its last's end), what
+    BE had queued and still running when it arrived, and how far its arrival
+    was from the arbiter's prediction (> 0: later than predicted).
+    Diagnostics only: the events it records cost a few microseconds, so
+    traced runs are not the table's."""
 
-    FIELDS = ("total", "before_issue", "issue", "gpu", "be_queued", "be_head_est")
-    SCALE = (1e3, 1e3, 1e3, 1e3, 1.0, 1e3)     # seconds to ms; be_queued is a count
+    FIELDS = ("total", "before_issue", "issue", "gpu", "be_queued", "be_running",
+              "be_head_est", "pred_err", "sm_mhz")
+    SCALE = (1e3, 1e3, 1e3, 1e3, 1.0, 1.0, 1e3, 1e3, 1.0)  # seconds to ms; counts, MHz
 
     def __init__(self, be: Any = None) -> None:
         self.ev = Events(timing=True)
         self.rows: list[tuple[float, ...]] = []
         self.be = be                            # the BE tenant, when one runs
+        self.clock: Callable[[], int] = lambda: 0
+        with contextlib.suppress(Exception):    # the SM clock is optional (NVML)
+            self.clock = power.Nvml().clocks_mhz
 
     def wrap(self, arb: GpuArbiter, t: Any, lc: W.LcWork) -> Callable[[], float]:
         box: dict[str, Any] = {}
@@ -131,13 +137,16 @@ class Trace:
         def one() -> float:
             p = self.be.pacer if self.be is not None else None
             queued = list(p.inflight) if p is not None else []
+            running = sum(1 for a in queued if not self.ev.done(a.end))
+            predicted = t.due
             t0 = time.perf_counter()
             arb.run_lc(t, issue)
             t1 = time.perf_counter()
             gpu = self.ev.elapsed_s(box["e0"], box["e1"])
             self.ev.put(box["e0"], box["e1"])
             self.rows.append((t1 - t0, box["i0"] - t0, box["i1"] - box["i0"], gpu,
-                              len(queued), queued[0].est_s if queued else 0.0))
+                              len(queued), running, queued[0].est_s if queued else 0.0,
+                              t0 - predicted if predicted else 0.0, self.clock()))
             return t1 - t0
         return one
 
@@ -149,8 +158,12 @@ class Trace:
         def mean(sel: list[tuple[float, ...]]) -> dict[str, float]:
             return {k: round(statistics.fmean(row[i] for row in sel) * self.SCALE[i], 3)
                     for i, k in enumerate(self.FIELDS)}
+        err = sorted(row[7] * 1e3 for row in rows)
         r["trace"] = {"slowest_1pct": mean(rows[-max(1, n // 100):]),
-                      "middle_50pct": mean(rows[n // 4: 3 * n // 4])}
+                      "middle_50pct": mean(rows[n // 4: 3 * n // 4]),
+                      "be_running_share": round(sum(1 for row in rows if row[5]) / n, 3),
+                      "pred_err_ms": {f"p{q}": round(pctl(err, q / 100), 3)
+                                      for q in (1, 10, 50, 90, 99)}}
         print(f"  trace {label}: {r['trace']}", flush=True)
 
 

@@ -56,6 +56,45 @@ def test_dvfs_advice_is_bounded_by_the_slip() -> None:
     assert power.advise(0.0, 0.1, clocks).advised_mhz == min(clocks)
 
 
+def test_be_holds_until_lc_arrives_however_long_its_queue_was() -> None:
+    from laked.sched.plan import Ask, AtomKnobs, LcView, decide
+    k = AtomKnobs(atom_s=400e-6, idle_atom_s=2e-3, min_atom_s=60e-6, hold_s=1.5e-3)
+    assert decide(LcView(), Ask(0.0, False), k) == ("full", 2e-3)     # no LC: long atoms
+    due = LcView(recent=True, until_s=3e-3)
+    assert decide(due, Ask(1e-3, True), k) == ("full", 400e-6)
+    assert decide(due, Ask(2.8e-3, True), k) == ("full", pytest.approx(200e-6))
+    # the queue fills the time to the arrival: hold, for as long as the
+    # arrival is ahead (the old hold timer let a full atom go after 1.5 ms)
+    for until in (2.9e-3, 1e-3, 0.0, -1.4e-3):
+        v = LcView(recent=True, until_s=until)
+        assert decide(v, Ask(max(0.0, until), True), k) is None
+    late = LcView(recent=True, until_s=-1.6e-3)          # overdue past hold_us: wrong
+    assert decide(late, Ask(0.0, False), k) == ("full", 400e-6)
+    # an unsplittable op bigger than the room waits for the room ...
+    assert decide(due, Ask(2.5e-3, True, need_s=600e-6), k) is None
+    # ... or, when no room between arrivals will hold it, goes right after LC
+    assert decide(due, Ask(2.5e-3, True, need_s=600e-6, lc_passed=True), k) == ("full", 400e-6)
+    run = LcView(recent=True, run_full=True)
+    assert decide(run, Ask(0.0, False), k) == ("full", 400e-6)  # queued behind the gate
+    assert decide(run, Ask(4e-4, True), k) is None
+    part = LcView(recent=True, until_s=10e-6, until_part=True)
+    assert decide(part, Ask(0.0, False), k) == ("comp", 400e-6)
+    assert decide(LcView(recent=True, run_part=True), Ask(0.0, True), k) == ("comp", 400e-6)
+
+
+def test_arrival_prediction_keeps_the_rhythm_through_one_late_start() -> None:
+    from laked.sched.plan import PHASE_GAIN, next_due
+    gap = 5e-3
+    due = next_due(0.0, 1.0, gap)                 # first gap: now + gap
+    assert due == pytest.approx(1.005)
+    due = next_due(due, 1.0053, gap)              # 0.3 ms late (host jitter) ...
+    assert due == pytest.approx(1.010 + PHASE_GAIN * 0.3e-3)   # ... moves it a little
+    due = next_due(due, 1.010, gap)               # on time again
+    assert abs(due - 1.015) < 0.1e-3
+    assert next_due(1.015, 1.0148, gap) == pytest.approx(1.0198)   # early: taken whole
+    assert next_due(due, 1.030, gap) == pytest.approx(1.035)   # a new rhythm: reset
+
+
 # -- the op atomizer's splitters and the knobs (CPU tensors; the mode itself is GPU-only) --
 torch = pytest.importorskip("torch", reason="the op atomizer needs torch")
 

@@ -1,0 +1,92 @@
+"""The BE atom decision: how long the next atom may be, where it runs, or hold.
+
+Pure (no GPU, no clock) so it can be tested on its own; ``GpuArbiter.be_plan``
+feeds it a snapshot of the LC tenants and the pacer's queue and sleeps
+while it says hold.
+
+A hold is judged against the predicted LC arrival, not against how long
+BE has been holding: BE stops issuing once its queued atoms fill the time
+left before the arrival (often a millisecond or more ahead of it), and a
+hold timer started then would run out just before LC arrives and let a
+full atom in front of it.  The prediction is only called wrong once the
+arrival is ``hold_us`` overdue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INF = float("inf")
+PHASE_GAIN = 0.25    # share of an arrival's lateness that moves the next prediction
+
+
+@dataclass
+class Plan:
+    budget_s: float              # inf: no limit
+    kind: str                    # "full" or "comp" (the complement of right-sized LC)
+    slots: list[int]             # gates to wait on before the atom
+
+
+@dataclass
+class LcView:
+    """What the LC tenants are doing, as BE's next atom sees it."""
+    recent: bool = False         # any LC tenant active within quiet_s
+    run_full: bool = False       # an LC request on the whole GPU is running
+    run_part: bool = False       # ... on a right-sized partition
+    until_s: float = INF         # to the next predicted arrival (< 0: overdue)
+    until_part: bool = False     # that arrival is right-sized
+
+
+@dataclass
+class Ask:
+    """The pacer's side of the decision."""
+    queued_s: float              # estimated GPU time of its atoms not yet finished
+    inflight: bool               # some atom of it is queued or running
+    need_s: float = 0.0          # the smallest useful atom (an unsplittable op's size)
+    lc_passed: bool = False      # an LC request started since this decision began
+
+
+@dataclass
+class AtomKnobs:
+    atom_s: float
+    idle_atom_s: float
+    min_atom_s: float
+    hold_s: float
+
+
+def decide(v: LcView, a: Ask, k: AtomKnobs) -> tuple[str, float] | None:
+    """(partition kind, atom budget) for the next atom, or None to hold."""
+    if not v.recent:
+        return "full", k.idle_atom_s
+    if v.run_full:
+        # an atom already waiting behind the gate is all BE can use now
+        return None if a.inflight else ("full", k.atom_s)
+    if v.run_part:
+        return "comp", k.atom_s
+    room = v.until_s - a.queued_s
+    if room >= max(a.need_s, k.min_atom_s):
+        return "full", min(k.atom_s, room)
+    if v.until_part:
+        return "comp", k.atom_s
+    if a.lc_passed:
+        # an op too big for the room went past an LC request: right after
+        # one is the longest room it will get
+        return "full", k.atom_s
+    if v.until_s < -k.hold_s:
+        return "full", k.atom_s          # LC is that late: the prediction was wrong
+    return None
+
+
+def next_due(due: float, now: float, gap: float) -> float:
+    """The next arrival of an LC tenant that arrived at ``now`` (mean gap ``gap``).
+
+    Phase-locked rather than ``now + gap``: a request whose start the host
+    delayed (a late wake-up, the GIL) would otherwise push the prediction
+    back by as much, and the request after it, on time, would then find a
+    BE atom planned into its slot.  So a late start moves the phase by
+    ``PHASE_GAIN`` of its lateness, while an early one, which no host delay
+    can cause, sets it.  An arrival off by more than half a gap is a new
+    rhythm and resets the phase."""
+    off = now - due
+    if due and 0 <= off < gap / 2:
+        return due + PHASE_GAIN * off + gap
+    return now + gap
