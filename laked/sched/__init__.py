@@ -2,7 +2,8 @@
 
 - ``base``: the arbiter interface and the CPU arbiter (no GPU needed);
 - ``arbiter``: the GPU arbiter (torch, cuda-python), with ``gate`` (GPU-side
-  gates), ``pacer`` and ``opmode`` (BE atoms), ``partition`` (green
+  gates), ``pacer``, ``opmode`` and ``plan`` (BE atoms: their size, and
+  when to hold), ``knobs`` (the [scheduler] table), ``partition`` (green
   contexts), ``rightsize`` (l(t) = m/t + b), ``power`` (advise-only DVFS),
   ``tenancy`` (the executor's raw-stream launches as a tenant's work),
   ``atoms``/``kernel_atoms`` (row ops, NVRTC block ranges), ``fast``.

@@ -38,7 +38,7 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -48,58 +48,18 @@ from . import power
 from .atoms import RowOp
 from .base import Arbiter, Tenancy, TenantState
 from .gate import Gates
+from .knobs import Knobs
 from .opmode import AtomizeMode, Split
 from .fast import Events, ensure_ctx, ensure_thread, set_primary, using
 from .pacer import LC_YIELD_S, YIELD_S, Pacer
 from .partition import Partition, Partitions, check
-from .plan import Ask, AtomKnobs, LcView, Plan, decide, next_due
+from .plan import Ask, LcView, Plan, decide, next_due
 from .rightsize import KernelModel
 from .tenancy import GpuTenancy
 
 log = logging.getLogger("laked.sched")
 
 T = TypeVar("T")
-
-
-@dataclass
-class Knobs:
-    """Scheduler knobs; laked.toml's [scheduler] table sets them by name."""
-    atom_us: float = 400.0          # BE atom while LC tenants are active (LithOS: 250-500)
-    idle_atom_us: float = 2000.0    # BE atom when no LC request came for quiet_s
-    min_atom_us: float = 60.0       # a smaller atom is not worth it: hold instead
-    hold_us: float = 1500.0         # hold at most this long past a predicted LC arrival
-    lead_us: float = 100.0          # expect LC this much before its predicted arrival
-    depth: int = 4                  # BE atoms queued per tenant (gated: LC waits for one)
-    quiet_s: float = 1.0            # an LC tenant this long without requests is idle
-    slip: float = 1.1               # right-sizing: latency within slip x whole GPU
-    rightsize: bool = True
-    probe_after: int = 32           # requests on the whole GPU before the probe
-    gate_timeout_ms: float = 500.0  # watchdog: reopen a gate shut this long
-    energy_interval_s: float = 0.25
-    gil_switch_us: float = 200.0    # laked's threads hand the GIL over within this
-    power_slip: float = 0.05        # advice: the clock that costs at most this slowdown
-    reserve_mb: int = 2048          # device memory torch's allocator caches at start
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "Knobs":
-        known = {f.name: f for f in fields(cls)}
-        k = cls()
-        for name, value in (d or {}).items():
-            if name not in known:
-                raise ValueError(f"unknown scheduler knob {name!r} "
-                                 f"(known: {', '.join(sorted(known))})")
-            want = type(getattr(k, name))
-            if want is bool and not isinstance(value, bool):
-                raise ValueError(f"scheduler knob {name}: expected true/false")
-            if want in (int, float) and (isinstance(value, bool) or
-                                         not isinstance(value, (int, float)) or value < 0):
-                raise ValueError(f"scheduler knob {name}: expected a number >= 0")
-            setattr(k, name, want(value))
-        if k.depth < 1:
-            raise ValueError("scheduler knob depth: at least 1")
-        if k.slip < 1.0:
-            raise ValueError("scheduler knob slip: at least 1.0")
-        return k
 
 
 @dataclass
@@ -365,8 +325,6 @@ class GpuArbiter(Arbiter):
         """The next atom's budget, stream and gates (waits for room, holds before
         LC); ``need_s``: the smallest atom that is of use (an unsplittable op)."""
         k = self.knobs
-        ak = AtomKnobs(k.atom_us / 1e6, k.idle_atom_us / 1e6, k.min_atom_us / 1e6,
-                       k.hold_us / 1e6)
         seq0 = self.lc_seq
         while True:
             p.wait_depth(k.depth)
@@ -374,7 +332,7 @@ class GpuArbiter(Arbiter):
             ts = self.lc_tenants()          # one snapshot per plan
             v = self._lc_view(ts, now)
             ask = Ask(p.queued_s(), bool(p.inflight), need_s, self.lc_seq != seq0)
-            got = decide(v, ask, ak)
+            got = decide(v, ask, k)
             if got is not None:
                 kind, budget = got
                 slots = [s for t in ts if kind == "full" or t.partition is None

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .knobs import Knobs
+
 INF = float("inf")
 PHASE_GAIN = 0.25    # share of an arrival's lateness that moves the next prediction
 
@@ -45,34 +47,27 @@ class Ask:
     lc_passed: bool = False      # an LC request started since this decision began
 
 
-@dataclass
-class AtomKnobs:
-    atom_s: float
-    idle_atom_s: float
-    min_atom_s: float
-    hold_s: float
-
-
-def decide(v: LcView, a: Ask, k: AtomKnobs) -> tuple[str, float] | None:
-    """(partition kind, atom budget) for the next atom, or None to hold."""
+def decide(v: LcView, a: Ask, k: Knobs) -> tuple[str, float] | None:
+    """(partition kind, atom budget in seconds) for the next atom, or None to hold."""
+    atom = k.atom_us / 1e6
     if not v.recent:
-        return "full", k.idle_atom_s
+        return "full", k.idle_atom_us / 1e6
     if v.run_full:
         # an atom already waiting behind the gate is all BE can use now
-        return None if a.inflight else ("full", k.atom_s)
+        return None if a.inflight else ("full", atom)
     if v.run_part:
-        return "comp", k.atom_s
+        return "comp", atom
     room = v.until_s - a.queued_s
-    if room >= max(a.need_s, k.min_atom_s):
-        return "full", min(k.atom_s, room)
+    if room >= max(a.need_s, k.min_atom_us / 1e6):
+        return "full", min(atom, room)
     if v.until_part:
-        return "comp", k.atom_s
+        return "comp", atom
     if a.lc_passed:
         # an op too big for the room went past an LC request: right after
         # one is the longest room it will get
-        return "full", k.atom_s
-    if v.until_s < -k.hold_s:
-        return "full", k.atom_s          # LC is that late: the prediction was wrong
+        return "full", atom
+    if v.until_s < -k.hold_us / 1e6:
+        return "full", atom              # LC is that late: the prediction was wrong
     return None
 
 

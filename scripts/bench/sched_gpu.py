@@ -50,11 +50,12 @@ if "--merge" not in sys.argv:
 SLO_X = 1.25
 
 
-def energy_meter() -> Callable[[], float]:
-    """The GPU's energy counter in mJ (laked's NVML reader), or 0 without NVML."""
+def nvml_reader(what: str) -> Callable[[], float]:
+    """A reading of laked's NVML reader (``energy_mj``, ``clocks_mhz``), or 0
+    without NVML: energy and clocks are optional."""
     try:
-        return power.Nvml().energy_mj
-    except Exception:  # noqa: BLE001 - energy is optional
+        return getattr(power.Nvml(), what)
+    except Exception:  # noqa: BLE001 - no NVML, or no such counter here
         return lambda: 0.0
 
 
@@ -119,9 +120,7 @@ class Trace:
         self.ev = Events(timing=True)
         self.rows: list[tuple[float, ...]] = []
         self.be = be                            # the BE tenant, when one runs
-        self.clock: Callable[[], int] = lambda: 0
-        with contextlib.suppress(Exception):    # the SM clock is optional (NVML)
-            self.clock = power.Nvml().clocks_mhz
+        self.clock = nvml_reader("clocks_mhz")
 
     def wrap(self, arb: GpuArbiter, t: Any, lc: W.LcWork) -> Callable[[], float]:
         box: dict[str, Any] = {}
@@ -344,7 +343,7 @@ def main() -> int:
         if knobs[k] is None:
             knobs[k] = float(v) if "." in v else int(v)
     torch.backends.cudnn.benchmark = False
-    energy = energy_meter()
+    energy = nvml_reader("energy_mj")
     arb = GpuArbiter(knobs)
     parts = arb.parts
     lc_units = parts.units_for(args.quota_sms)

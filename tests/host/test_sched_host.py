@@ -57,8 +57,9 @@ def test_dvfs_advice_is_bounded_by_the_slip() -> None:
 
 
 def test_be_holds_until_lc_arrives_however_long_its_queue_was() -> None:
-    from laked.sched.plan import Ask, AtomKnobs, LcView, decide
-    k = AtomKnobs(atom_s=400e-6, idle_atom_s=2e-3, min_atom_s=60e-6, hold_s=1.5e-3)
+    from laked.sched.knobs import Knobs
+    from laked.sched.plan import Ask, LcView, decide
+    k = Knobs(atom_us=400, idle_atom_us=2000, min_atom_us=60, hold_us=1500)
     assert decide(LcView(), Ask(0.0, False), k) == ("full", 2e-3)     # no LC: long atoms
     due = LcView(recent=True, until_s=3e-3)
     assert decide(due, Ask(1e-3, True), k) == ("full", 400e-6)

@@ -1,0 +1,50 @@
+"""The scheduler's knobs (laked.toml's [scheduler] table), checked by name and type.
+
+Pure, so the planning code (plan.py) and the host tests can use them
+without torch or a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class Knobs:
+    """Scheduler knobs; laked.toml's [scheduler] table sets them by name."""
+    atom_us: float = 400.0          # BE atom while LC tenants are active (LithOS: 250-500)
+    idle_atom_us: float = 2000.0    # BE atom when no LC request came for quiet_s
+    min_atom_us: float = 60.0       # a smaller atom is not worth it: hold instead
+    hold_us: float = 1500.0         # hold at most this long past a predicted LC arrival
+    lead_us: float = 100.0          # expect LC this much before its predicted arrival
+    depth: int = 4                  # BE atoms queued per tenant (gated: LC waits for one)
+    quiet_s: float = 1.0            # an LC tenant this long without requests is idle
+    slip: float = 1.1               # right-sizing: latency within slip x whole GPU
+    rightsize: bool = True
+    probe_after: int = 32           # requests on the whole GPU before the probe
+    gate_timeout_ms: float = 500.0  # watchdog: reopen a gate shut this long
+    energy_interval_s: float = 0.25
+    gil_switch_us: float = 200.0    # laked's threads hand the GIL over within this
+    power_slip: float = 0.05        # advice: the clock that costs at most this slowdown
+    reserve_mb: int = 2048          # device memory torch's allocator caches at start
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "Knobs":
+        known = {f.name: f for f in fields(cls)}
+        k = cls()
+        for name, value in (d or {}).items():
+            if name not in known:
+                raise ValueError(f"unknown scheduler knob {name!r} "
+                                 f"(known: {', '.join(sorted(known))})")
+            want = type(getattr(k, name))
+            if want is bool and not isinstance(value, bool):
+                raise ValueError(f"scheduler knob {name}: expected true/false")
+            if want in (int, float) and (isinstance(value, bool) or
+                                         not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"scheduler knob {name}: expected a number >= 0")
+            setattr(k, name, want(value))
+        if k.depth < 1:
+            raise ValueError("scheduler knob depth: at least 1")
+        if k.slip < 1.0:
+            raise ValueError("scheduler knob slip: at least 1.0")
+        return k
