@@ -13,7 +13,9 @@
   ``idle_atom_us``, when no LC request came for ``quiet_s``), sized to end
   before the next LC arrival (predicted from each LC tenant's rhythm,
   less ``lead_us`` for host jitter), and held when even a small atom
-  would not fit, until LC comes or is ``hold_us`` overdue (``plan.py``).
+  would not fit, until LC comes or is ``hold_us`` overdue (``plan.py``);
+  by default not on the host: the atom is parked on the GPU behind the
+  LC request and the issuer goes on (``park.py``).
   Torch work is cut by the op-level atomizer (``opmode.py``), row ops by
   ``run_be``.
 - **Kernel and cu* tenants.**  Work the GPU executor launches on raw
@@ -52,6 +54,7 @@ from .knobs import Knobs
 from .opmode import AtomizeMode, Split
 from .fast import Events, ensure_ctx, ensure_thread, set_primary, using
 from .pacer import LC_YIELD_S, YIELD_S, Pacer
+from .park import MASK, Parks
 from .partition import Partition, Partitions, check
 from .plan import Ask, LcView, Plan, decide, next_due
 from .rightsize import KernelModel
@@ -79,6 +82,8 @@ class GpuTenant(TenantState):
     pacer: Pacer | None = None            # BE
     events: Events | None = None          # LC: the event after each request
     stream_slots: dict[int, int] = field(default_factory=dict)  # LC raw streams' gates
+    pass_slot: int = -1                   # LC via run_lc: its request counter (park.py)
+    pass_n: int = 0                       # ... the number of its last request
 
     def gate_slots(self) -> list[int]:
         """Every gate BE must wait for on this LC tenant's behalf."""
@@ -112,6 +117,7 @@ class GpuArbiter(Arbiter):
         _, lo, hi = self.parts.cu.cuCtxGetStreamPriorityRange()
         self.prio_lo, self.prio_hi = int(lo), int(hi)
         self.gates = Gates(self.knobs.gate_timeout_ms / 1e3)
+        self.parks = Parks()
         self.lc_seq = 0                           # bumped by every LC request start
         self.lc_active = 0
         self.last_lc = 0.0                        # host time the last LC request ended
@@ -191,6 +197,9 @@ class GpuArbiter(Arbiter):
             t.slot = -1
         for s in slots:
             self.gates.release(s)       # a host store: cannot fail
+        if t.pass_slot >= 0:
+            self.parks.release(t.pass_slot, t.pass_n)
+            t.pass_slot = -1
 
     def lc_tenants(self) -> list[GpuTenant]:
         with self._tlock:
@@ -235,7 +244,10 @@ class GpuArbiter(Arbiter):
         with t.lock:                        # one request of a tenant at a time: one gate
             sms = self._place(t)
             ensure_thread(t.stream)
+            if t.pass_slot < 0:
+                t.pass_slot, t.pass_n = self.parks.slot()
             t0 = time.perf_counter()
+            t.pass_n = (t.pass_n + 1) & MASK    # before _arrive: BE parks on the next one
             self._arrive(t, t0)
             stream, cs = t.stream, t.stream.cuda_stream
             try:
@@ -245,6 +257,7 @@ class GpuArbiter(Arbiter):
                         out = fn()
                 finally:
                     self.gates.open(t.slot, cs)
+                    self.parks.mark(cs, t.pass_slot, t.pass_n)
                     done = t.events.record(cs)
                 t.events.wait(done)
                 t.events.put(done)
@@ -297,7 +310,7 @@ class GpuArbiter(Arbiter):
         """What LC tenants ``ts`` are doing, and when the next one is due."""
         v = LcView()
         lead = self.knobs.lead_us / 1e6
-        for t in ts:
+        for i, t in enumerate(ts):
             if t.active:
                 v.recent = True
                 if t.partition is None:
@@ -311,7 +324,7 @@ class GpuArbiter(Arbiter):
             if t.due:
                 until = t.due - lead - now
                 if until > -2 * t.gap and until < v.until_s:
-                    v.until_s, v.until_part = until, t.partition is not None
+                    v.until_s, v.until_part, v.until_i = until, t.partition is not None, i
         return v
 
     def budget_hint(self) -> float:
@@ -331,17 +344,34 @@ class GpuArbiter(Arbiter):
             now = time.perf_counter()
             ts = self.lc_tenants()          # one snapshot per plan
             v = self._lc_view(ts, now)
-            ask = Ask(p.queued_s(), bool(p.inflight), need_s, self.lc_seq != seq0)
+            if p.parked is not None and not self.parks.pending(*p.parked):
+                p.parked = None             # LC passed it (or the host let it go)
+            ask = Ask(p.queued_s(), bool(p.inflight), need_s, self.lc_seq != seq0,
+                      p.parked is not None)
             got = decide(v, ask, k)
+            park = None
+            if got is not None and got[0] == "park":
+                park = self._park_on(ts, v)
+                got = None if park is None else ("full", got[1])
             if got is not None:
                 kind, budget = got
                 slots = [s for t in ts if kind == "full" or t.partition is None
                          for s in t.gate_slots()]
-                return Plan(budget, kind, slots)
+                return Plan(budget, kind, slots, park)
             # LC runs or is due: BE can only wait; leave the GIL to LC's threads
             time.sleep(LC_YIELD_S if v.run_full else YIELD_S)
             if not v.run_full:
                 p.hold_s += time.perf_counter() - now
+
+    def _park_on(self, ts: list[GpuTenant], v: LcView) -> tuple[int, int, float] | None:
+        """The wait for the LC request ``v`` expects next (None: its tenant
+        keeps no counter, as raw-stream tenants do: hold on the host)."""
+        if v.until_i < 0:
+            return None
+        t = ts[v.until_i]
+        if t.pass_slot < 0:
+            return None
+        return t.pass_slot, (t.pass_n + 1) & MASK, t.due + self.knobs.hold_us / 1e6
 
     @contextlib.contextmanager
     def be(self, t: TenantState) -> Iterator[None]:
@@ -440,6 +470,7 @@ class GpuArbiter(Arbiter):
             "total_sms": self.parts.total_sms, "unit_sms": self.parts.unit,
             "knobs": vars(self.knobs), "lc_active": self.lc_active,
             "gates_forced_open": self.gates.forced_opens,
+            "parks": self.parks.stats(),
             "queue_delay_us": self.queue_delay_us(),
             "idle_energy_j": round(self.idle_energy_j, 3),
             "rightsizing": [t.model.summary() | {"sms": t.sms}
@@ -454,5 +485,6 @@ class GpuArbiter(Arbiter):
         self._energy_stop.set()
         self._energy.join(2)
         torch.cuda.synchronize()
+        self.parks.close()
         self.gates.close_all()
         self.parts.cu.cuDevicePrimaryCtxRelease(self.parts.dev)

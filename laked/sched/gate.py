@@ -28,7 +28,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -71,15 +71,24 @@ def overdue(flags: "ctypes.Array[ctypes.c_uint32]", seen: dict[int, tuple[int, f
     return late
 
 
+def pinned_words(cu: Any, n: int, what: str) -> tuple[int, int, "ctypes.Array[ctypes.c_uint32]"]:
+    """``n`` zeroed 32-bit words in pinned, device-mapped host memory: (host
+    address, device address, the words as a ctypes array)."""
+    host = int(check(cu.cuMemHostAlloc(4 * n, _DEVICEMAP | _PORTABLE), f"cuMemHostAlloc ({what})"))
+    ctypes.memset(host, 0, 4 * n)
+    try:
+        dev = int(check(cu.cuMemHostGetDevicePointer(host, 0),
+                        f"cuMemHostGetDevicePointer ({what})"))
+    except Exception:
+        cu.cuMemFreeHost(host)
+        raise
+    return host, dev, (ctypes.c_uint32 * n).from_address(host)
+
+
 class Gates:
     def __init__(self, timeout_s: float = 0.1) -> None:
         cu = self.cu = _driver()
-        self._host = int(check(cu.cuMemHostAlloc(4 * SLOTS, _DEVICEMAP | _PORTABLE),
-                               "cuMemHostAlloc (gates)"))
-        self.flags = (ctypes.c_uint32 * SLOTS).from_address(self._host)
-        ctypes.memset(self._host, 0, 4 * SLOTS)
-        self.base = int(check(cu.cuMemHostGetDevicePointer(self._host, 0),
-                              "cuMemHostGetDevicePointer (gates)"))
+        self._host, self.base, self.flags = pinned_words(cu, SLOTS, "gates")
         self.timeout_s = timeout_s
         self._free = list(range(SLOTS - 1, -1, -1))
         self._lock = threading.Lock()

@@ -14,9 +14,10 @@ class Knobs:
     """Scheduler knobs; laked.toml's [scheduler] table sets them by name."""
     atom_us: float = 400.0          # BE atom while LC tenants are active (LithOS: 250-500)
     idle_atom_us: float = 2000.0    # BE atom when no LC request came for quiet_s
-    min_atom_us: float = 60.0       # a smaller atom is not worth it: hold instead
+    min_atom_us: float = 30.0       # a smaller atom is not worth it: park (or hold) instead
     hold_us: float = 1500.0         # hold at most this long past a predicted LC arrival
-    lead_us: float = 100.0          # expect LC this much before its predicted arrival
+    lead_us: float = 0.0            # expect LC this much before its predicted arrival
+    park: bool = True               # a hold parks the atom on the GPU (park.py)
     depth: int = 4                  # BE atoms queued per tenant (gated: LC waits for one)
     quiet_s: float = 1.0            # an LC tenant this long without requests is idle
     slip: float = 1.1               # right-sizing: latency within slip x whole GPU
@@ -24,7 +25,7 @@ class Knobs:
     probe_after: int = 32           # requests on the whole GPU before the probe
     gate_timeout_ms: float = 500.0  # watchdog: reopen a gate shut this long
     energy_interval_s: float = 0.25
-    gil_switch_us: float = 200.0    # laked's threads hand the GIL over within this
+    gil_switch_us: float = 50.0     # laked's threads hand the GIL over within this
     power_slip: float = 0.05        # advice: the clock that costs at most this slowdown
     reserve_mb: int = 2048          # device memory torch's allocator caches at start
 

@@ -64,6 +64,7 @@ class Pacer:
         self.memory_s = 0.0                      # ... and in byte-bound ops
         self.wait_depth_s = 0.0                  # issuer time spent waiting for room
         self.hold_s = 0.0                        # ... holding for a predicted LC
+        self.parked: tuple[int, int] | None = None   # (counter, request) an atom waits for
 
     # -- what the atomizers call ----------------------------------------------------
     def budget_hint(self) -> float:
@@ -126,7 +127,12 @@ class Pacer:
                 # autograd's thread: its stream is not ours to move, so the
                 # atom waits for every LC tenant wherever it runs
                 slots = self.arb.lc_slots()
-        self.arb.gates.wait(raw_stream(self.dev), slots)
+        stream = raw_stream(self.dev)
+        if plan.park is not None:
+            slot, want, deadline = plan.park
+            if self.arb.parks.park(stream, slot, want, deadline):
+                self.parked = (slot, want)
+        self.arb.gates.wait(stream, slots)
         self._open = True
         self._est = 0.0
         self._budget = plan.budget_s

@@ -10,6 +10,9 @@ left before the arrival (often a millisecond or more ahead of it), and a
 hold timer started then would run out just before LC arrives and let a
 full atom in front of it.  The prediction is only called wrong once the
 arrival is ``hold_us`` overdue.
+
+With ``park`` on, a hold becomes a park: the atom is queued now behind a
+GPU-side wait for the LC request (park.py), so the issuer keeps working.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class Plan:
     budget_s: float              # inf: no limit
     kind: str                    # "full" or "comp" (the complement of right-sized LC)
     slots: list[int]             # gates to wait on before the atom
+    park: tuple[int, int, float] | None = None  # (counter, request, deadline) to wait for
 
 
 @dataclass
@@ -36,6 +40,7 @@ class LcView:
     run_part: bool = False       # ... on a right-sized partition
     until_s: float = INF         # to the next predicted arrival (< 0: overdue)
     until_part: bool = False     # that arrival is right-sized
+    until_i: int = -1            # which tenant it is (index in the snapshot)
 
 
 @dataclass
@@ -45,10 +50,12 @@ class Ask:
     inflight: bool               # some atom of it is queued or running
     need_s: float = 0.0          # the smallest useful atom (an unsplittable op's size)
     lc_passed: bool = False      # an LC request started since this decision began
+    parked: bool = False         # an atom of it waits on the GPU for the next LC request
 
 
 def decide(v: LcView, a: Ask, k: Knobs) -> tuple[str, float] | None:
-    """(partition kind, atom budget in seconds) for the next atom, or None to hold."""
+    """(partition kind, atom budget in seconds) for the next atom, or None to
+    hold; kind "park": queue it behind the next LC request (``k.park``)."""
     atom = k.atom_us / 1e6
     if not v.recent:
         return "full", k.idle_atom_us / 1e6
@@ -57,6 +64,8 @@ def decide(v: LcView, a: Ask, k: Knobs) -> tuple[str, float] | None:
         return None if a.inflight else ("full", atom)
     if v.run_part:
         return "comp", atom
+    if a.parked:
+        return "full", atom              # queued behind the parked one: after LC
     room = v.until_s - a.queued_s
     if room >= max(a.need_s, k.min_atom_us / 1e6):
         return "full", min(atom, room)
@@ -68,7 +77,7 @@ def decide(v: LcView, a: Ask, k: Knobs) -> tuple[str, float] | None:
         return "full", atom
     if v.until_s < -k.hold_us / 1e6:
         return "full", atom              # LC is that late: the prediction was wrong
-    return None
+    return ("park", atom) if k.park else None
 
 
 def next_due(due: float, now: float, gap: float) -> float:

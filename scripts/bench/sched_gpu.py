@@ -8,12 +8,13 @@ For every LC x BE pair (scripts/bench/workloads.py), in one process:
   static       green contexts: LC on --quota-sms SMs, BE on the rest
   lake         laked's GpuArbiter: LC through run_lc, BE inside arb.be() (atoms, gates)
 and once per LC workload: lake-lc-alone (LC through the arbiter, nothing else:
-the scheduler's own cost).  LC requests arrive every --period-ms (open loop,
-paced by sleep + a short spin); LC work is a CUDA graph replay in every
-config except static (a graph replays on the whole GPU whatever stream it
-is launched on, so static runs LC eagerly and is compared with an eager
-isolated run).  GC is paused while measuring.  Reports LC p50/p99 and their
-ratios to isolated, BE throughput ratio to solo, LC goodput (share within
+the scheduler's own cost), and once per BE workload lake-be-alone (likewise).
+LC requests arrive every --period-ms (open loop, paced by sleep + a short
+spin); LC work is a CUDA graph replay in every config (static's graph is
+captured on its partition's stream: a graph keeps the SMs of the green
+context it was captured on, whatever stream replays it, as
+probe_graph_part.py measured).  GC is paused while measuring.  Reports LC
+p50/p99 and their ratios to isolated, BE throughput ratio to solo, LC goodput (share within
 1.25x isolated p99), GPU energy per LC request (BE's included), per-tenant
 energy (lake), and writes JSON (+ a plot with --plot).
 """
@@ -259,6 +260,13 @@ def measure(name: str, lc_one: Callable[[], float] | None, be: BeRunner | None,
     return res
 
 
+def pacer_stats(t: Any) -> dict[str, float]:
+    """Where a BE tenant's issuing time went (cumulative seconds, atoms)."""
+    p = t.pacer
+    return {"atoms": t.atoms, "busy_s": round(t.busy_s, 4), "hold_s": round(p.hold_s, 4),
+            "wait_depth_s": round(p.wait_depth_s, 4)}
+
+
 def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
              args: argparse.Namespace, energy: Callable[[], float], streams: dict[str, Any]
              ) -> list[dict[str, Any]]:
@@ -267,18 +275,15 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
     if "shared" in args.configs:
         out.append(measure("shared", direct_lc(lc, hi), BeRunner(be, lo), args, energy))
     if "static" in args.configs and getattr(lc, "partitionable", True):
-        graph, lc.graph = lc.graph, None       # graphs would leave the partition
-        try:
-            out.append(measure("static", direct_lc(lc, streams["st_lc"]),
-                               BeRunner(be, streams["st_be"]), args, energy))
-        finally:
-            lc.graph = graph
+        out.append(measure("static", direct_lc(lc.on_partition, streams["st_lc"]),
+                           BeRunner(be, streams["st_be"]), args, energy))
     if "lake" in args.configs:
         kind = "kernel" if isinstance(lc, W.KernelInfer) else "model"
         tl = arb.add_tenant(TenantSpec(f"lc-{lc.name}", "LC", args.quota_sms, kind=kind))
         tl.allow_partition = False              # a graph: the whole GPU
         tb = arb.add_tenant(TenantSpec(f"be-{be.name}", "BE", 0, kind="job"))
         trace = Trace(tb) if args.trace else None
+        parks0 = arb.parks.stats()
         try:
             r = measure("lake", lake_lc(arb, tl, lc, trace), BeRunner(be, arb=arb, tenant=tb),
                         args, energy)
@@ -289,6 +294,8 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
                                                        "requests", "p50_ms", "p99_ms")}
                             for k in (tl.name, tb.name)}
             r["gates_forced_open"] = arb.gates.forced_opens
+            r["be_pacer"] = pacer_stats(tb) | {k: v - parks0[k]
+                                                for k, v in arb.parks.stats().items()}
             out.append(r)
         finally:
             arb.remove_tenant(tl)
@@ -297,7 +304,7 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
         lc.check()                              # the last request's output is still right
     for r in out:
         r["lc_work"], r["be_work"] = lc.name, be.name
-        base = iso["lc_eager" if r["config"] == "static" else "lc"]
+        base = iso["lc"]
         r["lc_p50_ratio"] = r["lc"]["p50_ms"] / base["p50_ms"]
         r["lc_p99_ratio"] = r["lc"]["p99_ms"] / base["p99_ms"]
         slo = SLO_X * base["p99_ms"]
@@ -369,9 +376,27 @@ def main() -> int:
         iso["be"][be.name] = r["be_steps_per_s"]
         runs.append(r)
         print(f"  isolated BE {be.name}: {r['be_steps_per_s']:.1f} {be.unit}/s", flush=True)
+        if "lake" in args.configs:
+            # the scheduler's own cost for BE: the job alone through the arbiter
+            tb = arb.add_tenant(TenantSpec(f"be-{be.name}-alone", "BE", 0, kind="job"))
+            try:
+                ra = measure("lake-be-alone", None, BeRunner(be, arb=arb, tenant=tb), args,
+                             energy, seconds=args.be_seconds)
+                ra["be_pacer"] = pacer_stats(tb)
+            finally:
+                arb.remove_tenant(tb)
+            ra["be_work"] = be.name
+            ra["be_ratio"] = ra["be_steps_per_s"] / r["be_steps_per_s"]
+            runs.append(ra)
+            print(f"  BE {be.name} alone through the arbiter: x{ra['be_ratio']:.3f} of direct",
+                  flush=True)
     for lc in lcs:
         r_eager = measure("isolated-lc-eager", direct_lc(lc, streams["hi"]), None, args, energy)
         lc.capture(streams["hi"])
+        if "static" in args.configs and getattr(lc, "partitionable", True):
+            # captured on the partition's stream, a graph replays on its SMs
+            lc.on_partition = W.LcWork(lc.name, lc.fn)
+            lc.on_partition.capture(streams["st_lc"])
         r_iso = measure("isolated-lc", direct_lc(lc, streams["hi"]), None, args, energy)
         tl = arb.add_tenant(TenantSpec(f"lc-{lc.name}-alone", "LC", 0, kind="model"))
         tl.allow_partition = False

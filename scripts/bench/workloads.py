@@ -30,6 +30,7 @@ class LcWork:
         self.name = name
         self.fn = fn
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.on_partition: LcWork | None = None     # its graph on a green context
 
     def capture(self, stream: torch.cuda.Stream) -> None:
         with torch.cuda.stream(stream):

@@ -182,6 +182,57 @@ def test_lc_waits_about_one_atom_behind_be(arb) -> None:  # type: ignore[no-unty
         arb.remove_tenant(be)
 
 
+def test_be_parks_behind_lc_on_the_gpu_and_a_late_park_is_let_go(arb) -> None:  # type: ignore[no-untyped-def]
+    from laked.tenants import TenantSpec
+    lc = arb.add_tenant(TenantSpec("t-park-lc", "LC", 0, kind="model"))
+    be = arb.add_tenant(TenantSpec("t-park-be", "BE", 0, kind="job"))
+    lc.allow_partition = False
+    x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    # small integers: the sums are exact, so only bf16's rounding of them may differ
+    a = torch.randint(-2, 3, (8192, 8192), device="cuda").to(torch.bfloat16)
+    b = torch.randint(-2, 3, (8192, 8192), device="cuda").to(torch.bfloat16)
+    out = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    p0 = arb.parks.stats()
+
+    def one_lc() -> None:
+        torch.relu(x @ w)
+    try:
+        for _ in range(100):
+            arb.run_lc(lc, one_lc)
+        alone_p50 = sorted(lc.latencies)[50]
+        stop = threading.Event()
+        th = threading.Thread(target=arb.run_be, args=(be, _gemm_ops(a, b, out), stop))
+        th.start()
+        try:
+            time.sleep(0.2)
+            n0 = len(lc.latencies)
+            for _ in range(150):
+                arb.run_lc(lc, one_lc)
+                time.sleep(0.003)
+            shared = sorted(list(lc.latencies)[n0:])
+            parked = arb.parks.parked - p0["parked"]
+            released = arb.parks.released
+            items = be.items
+            time.sleep(0.3)              # LC stops: the park it left is let go
+            assert be.items > items, "BE stopped with LC"
+            assert arb.parks.released > released
+        finally:
+            stop.set()
+            th.join(10)
+        assert not th.is_alive()
+        # holds before predicted arrivals became parks, and LC still waits
+        # about one atom at most
+        assert parked >= 30, arb.parks.stats()
+        assert shared[len(shared) // 2] - alone_p50 <= 1.5 * arb.knobs.atom_us / 1e6 + 200e-6
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out.float(), (a @ b).float(), rtol=1e-2, atol=2.0)
+        assert arb.status()["parks"]["parked"] == arb.parks.parked
+    finally:
+        arb.remove_tenant(lc)
+        arb.remove_tenant(be)
+
+
 def test_gate_holds_be_until_lc_ends_and_watchdog_reopens(arb) -> None:  # type: ignore[no-untyped-def]
     from laked.tenants import TenantSpec
     lc = arb.add_tenant(TenantSpec("t-gate", "LC", 0, kind="kernel"))

@@ -59,7 +59,7 @@ def test_dvfs_advice_is_bounded_by_the_slip() -> None:
 def test_be_holds_until_lc_arrives_however_long_its_queue_was() -> None:
     from laked.sched.knobs import Knobs
     from laked.sched.plan import Ask, LcView, decide
-    k = Knobs(atom_us=400, idle_atom_us=2000, min_atom_us=60, hold_us=1500)
+    k = Knobs(atom_us=400, idle_atom_us=2000, min_atom_us=60, hold_us=1500, park=False)
     assert decide(LcView(), Ask(0.0, False), k) == ("full", 2e-3)     # no LC: long atoms
     due = LcView(recent=True, until_s=3e-3)
     assert decide(due, Ask(1e-3, True), k) == ("full", 400e-6)
@@ -81,6 +81,40 @@ def test_be_holds_until_lc_arrives_however_long_its_queue_was() -> None:
     part = LcView(recent=True, until_s=10e-6, until_part=True)
     assert decide(part, Ask(0.0, False), k) == ("comp", 400e-6)
     assert decide(LcView(recent=True, run_part=True), Ask(0.0, True), k) == ("comp", 400e-6)
+
+
+def test_a_hold_parks_on_the_gpu_and_later_atoms_queue_behind_it() -> None:
+    from laked.sched.knobs import Knobs
+    from laked.sched.plan import Ask, LcView, decide
+    k = Knobs(atom_us=400, min_atom_us=60, hold_us=1500)
+    assert k.park
+    for until in (1e-3, 0.0, -1.4e-3):      # where a hold was: park
+        v = LcView(recent=True, until_s=until)
+        assert decide(v, Ask(max(0.0, until), True), k) == ("park", 400e-6)
+    v = LcView(recent=True, until_s=1e-3)
+    # an atom already parked: the next ones queue behind it, whatever the room
+    assert decide(v, Ask(3e-3, True, parked=True), k) == ("full", 400e-6)
+    # while LC runs, parked or not, one queued atom is all BE can use
+    assert decide(LcView(recent=True, run_full=True), Ask(4e-4, True, parked=True), k) is None
+    # overdue past hold_us and room enough: as without parking
+    assert decide(LcView(recent=True, until_s=-1.6e-3), Ask(0.0, False), k) == ("full", 400e-6)
+    assert decide(LcView(recent=True, until_s=3e-3), Ask(1e-3, True), k) == ("full", 400e-6)
+
+
+def test_park_deadlines_and_wrapping_counters() -> None:
+    from laked.sched.park import Deadlines, behind
+    assert behind(4, 5) and not behind(5, 5) and not behind(6, 5)
+    assert behind(0xFFFFFFFF, 2) and not behind(3, 0xFFFFFFFE)    # across the wrap
+    d = Deadlines()
+    assert d.next_in(1.0) is None and d.pop_due(1.0) == []
+    d.push(2.0, 7, 10)
+    d.push(1.5, 3, 4)
+    d.push(3.0, 7, 11)
+    assert d.next_in(1.0) == pytest.approx(0.5)
+    assert d.pop_due(2.0) == [(3, 4), (7, 10)]
+    d.push(2.5, 4, 1)
+    d.drop(7)                                  # the tenant left
+    assert len(d) == 1 and d.pop_due(9.0) == [(4, 1)]
 
 
 def test_arrival_prediction_keeps_the_rhythm_through_one_late_start() -> None:
