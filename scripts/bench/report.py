@@ -95,7 +95,8 @@ def _pair_rows(d: Any, configs: tuple[str, ...]) -> list[str]:
     return rows
 
 
-SHOWN_KNOBS = ("atom_us", "idle_atom_us", "depth", "hold_us", "lead_us", "gate_timeout_ms")
+SHOWN_KNOBS = ("atom_us", "idle_atom_us", "min_atom_us", "depth", "hold_us", "lead_us", "park",
+               "gil_switch_us", "gate_timeout_ms")
 
 PAIR_HEAD = ["| LC+BE | config | LC p50 (ms) | LC p99 (ms) | LC max (ms) | p50 / isolated | "
              "p99 / isolated | BE / solo | LC goodput | GPU mJ per LC request (BE's included) |",
@@ -112,9 +113,9 @@ def sched_section(d: Any) -> list[str]:
            f"`scripts/bench/sched_gpu.py`, one process per LC workload: {d['device']}, torch "
            f"{d['torch']}; {_provenance(d)} LC requests every {a['period_ms']} ms, "
            f"{a['requests']} per point after {a['warm']} discarded, GC paused; LC is a CUDA "
-           "graph replay in every config but static (a graph replays on the whole GPU from "
-           "any stream, so static runs LC eagerly and its ratios are to the eager isolated "
-           "run). Workloads: scripts/bench/workloads.py. Static: LC on "
+           "graph replay in every config (static's graph is captured on its partition's "
+           "stream, which keeps it on those SMs: see the graph probe below). Workloads: "
+           "scripts/bench/workloads.py. Static: LC on "
            f"{a['quota_sms']} SMs, BE on the rest. Goodput: share of LC requests within "
            "1.25x the isolated p99. Knobs: laked's defaults "
            f"(`{json.dumps({k: d['knobs'][k] for k in SHOWN_KNOBS})}`).",
@@ -132,17 +133,76 @@ def sched_section(d: Any) -> list[str]:
         if r["config"] == "isolated-be":
             be.setdefault(r["be_work"], []).append(r["be_steps_per_s"])
     out += ["", "BE alone (steps/s, median of the per-process runs): " + ", ".join(
-        f"{k} {statistics.median(v):.1f}" for k, v in sorted(be.items())) + ".", "",
-        "Side by side (target for lake: p99 / isolated <= 1.25 and BE / solo >= 0.8):", ""]
+        f"{k} {statistics.median(v):.1f}" for k, v in sorted(be.items())) + ".", ""]
+    alone = [r for r in d["runs"] if r["config"] == "lake-be-alone"]
+    if alone:
+        ratios: dict[str, list[float]] = {}
+        for r in alone:
+            ratios.setdefault(r["be_work"], []).append(r["be_ratio"])
+        out += ["BE alone through the arbiter (idle atoms, no LC) over the same job run "
+                "directly, per process (the scheduler's own cost for BE): " + "; ".join(
+                    f"{k} " + ", ".join(f"{x:.3f}x" for x in v) for k, v in sorted(ratios.items()))
+                + ".", ""]
+    out += ["Side by side (target for lake: p99 / isolated <= 1.25 and BE / solo >= 0.8):", ""]
     out += PAIR_HEAD + _pair_rows(d, ("shared", "static", "lake"))
     lake = [r for r in d["runs"] if r["config"] == "lake"]
     forced = sum(max((r.get("gates_forced_open", 0) for r in lake if r["lc_work"] == w),
                      default=0) for w in {r["lc_work"] for r in lake})
     out += ["", f"Gates the watchdog had to reopen during these runs: {forced}."]
+    out += _pacer_rows(lake)
     out += ["", "Per-tenant GPU energy in the lake runs (NVML counter split by device time): " +
             "; ".join(f"{r['lc_work']}+{r['be_work']}: " + ", ".join(
                 f"{n} {v['energy_j']:.0f} J" for n, v in r.get("tenants", {}).items())
                 for r in lake) + ".", ""]
+    return out
+
+
+def _pacer_rows(lake: list[Any]) -> list[str]:
+    """Where each lake run's BE issuer spent its time, and its parks."""
+    rows = [r for r in lake if "be_pacer" in r]
+    if not rows:
+        return []
+    out = ["", "BE issuer in the lake runs (5 s each): atoms, seconds holding on the host "
+           "before a predicted LC arrival, seconds waiting for room in its queue of atoms, "
+           "atoms parked on the GPU behind the next LC request, and parks the host let go "
+           "because that request came over hold_us late:", "",
+           "| LC+BE | atoms | hold (s) | waiting for queue room (s) | parked | let go by host |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        p = r["be_pacer"]
+        out.append(f"| {r['lc_work']}+{r['be_work']} | {p['atoms']} | {f(p['hold_s'])} | "
+                   f"{f(p['wait_depth_s'])} | {p.get('parked', '-')} | "
+                   f"{p.get('released_by_host', '-')} |")
+    return out
+
+
+def graph_section(d: Any) -> list[str]:
+    """probe_graph_part.py: graphs on green contexts, and the right-sizing curves."""
+    if not d:
+        return []
+    g = d["gemm8192_ms"]
+    out = ["### CUDA graphs on green contexts, and each LC workload's SM curve", "",
+           f"`{d['script']}`, {d['device']}, {d['provenance']}. An 8192^2 bf16 GEMM, "
+           "eager and as a graph captured on a partition's stream, replayed on that stream "
+           "and on a whole-GPU stream (ms):", "",
+           "| captured on | eager | graph, own stream | graph, whole-GPU stream |",
+           "| --- | --- | --- | --- |"]
+    for k, v in g.items():
+        name = "whole GPU" if k == "full" else f"{k} SMs"
+        out.append(f"| {name} | {f(v['eager'], 3)} | {f(v['graph_own'], 3)} | "
+                   f"{f(v['graph_on_full'], 3)} |")
+    curves = d["curves_ms"]
+    sms = list(next(iter(curves.values())).keys())
+    out += ["", "A graph keeps the SMs of the green context it was captured on. Each LC "
+            "workload's graph replay (ms) on its first N SMs:", "",
+            "| LC | " + " | ".join(sms) + " |", "| --- |" + " --- |" * len(sms)]
+    for w, c in curves.items():
+        out.append(f"| {w} | " + " | ".join(f(c[k], 3) for k in sms) + " |")
+    out += ["", "No LC workload here is within the 1.1x slip on fewer SMs than the whole "
+            "GPU, so right-sizing keeps them on it; BE can only use the time between LC "
+            "requests (a BE GEMM on the complement while LC runs costs LC far more: "
+            "gemm LC on 64 SMs beside it, p99 " +
+            f"{f(d['beside_be_gemm']['gemm']['64']['p99'], 3)} ms).", ""]
     return out
 
 
@@ -196,7 +256,7 @@ def repeat_section(d: Any, main: Any) -> list[str]:
     noisy isolated run can flatter every ratio of its LC workload)."""
     if not d:
         return []
-    out = ["### Repeat run", "", f"The lake rows of {d.get('provenance', 'another run.')} "
+    out = ["### Another run", "", f"The lake rows of {d.get('provenance', 'another run.')} "
            "Last column: the main table's lake p99 over the lower of the two runs' isolated "
            "p99s.", "",
            "| LC+BE | isolated p99 (ms) | LC p99 (ms) | p99 / isolated | BE / solo | "
@@ -229,6 +289,7 @@ def main() -> int:
     sched = load("sched_gpu.json")
     lines += sched_section(sched)
     lines += repeat_section(load("sched_gpu_repeat.json"), sched)
+    lines += graph_section(load("graph_partition.json"))
     lines += trace_section(load("sched_gpu_trace.json"))
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {ROOT / 'docs' / 'benchmarks.md'}")
