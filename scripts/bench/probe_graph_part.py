@@ -40,15 +40,11 @@ def med_ms(run, stream, n: int = 20) -> float:
 
 
 def capture(fn, stream) -> torch.cuda.CUDAGraph:
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    stream.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=stream):
-        fn()
-    torch.cuda.synchronize()
-    return g
+    """``fn`` as a graph captured on ``stream`` (as the benchmark's LC work is)."""
+    w = W.LcWork("probe", fn)
+    w.capture(stream)
+    assert w.graph is not None
+    return w.graph
 
 
 def on(g: torch.cuda.CUDAGraph, s):

@@ -1,6 +1,7 @@
 """The arbiter's mechanisms on a real GPU (device machine only)."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -133,36 +134,54 @@ def _gemm_ops(a, b, out):  # type: ignore[no-untyped-def]
         yield atoms.matmul(a, b, out)
 
 
-def test_lc_waits_about_one_atom_behind_be(arb) -> None:  # type: ignore[no-untyped-def]
+def _lc_gemm(arb, name: str):  # type: ignore[no-untyped-def]
+    """An LC tenant on the whole GPU and its request: one [512x4096].[4096x4096] GEMM."""
     from laked.tenants import TenantSpec
-    lc = arb.add_tenant(TenantSpec("t-lc", "LC", 0, kind="model"))
-    be = arb.add_tenant(TenantSpec("t-be", "BE", 0, kind="job"))
+    lc = arb.add_tenant(TenantSpec(name, "LC", 0, kind="model"))
     lc.allow_partition = False
     x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    big_a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    big_b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
 
     def one_lc() -> None:
         torch.relu(x @ w)
+    return lc, one_lc
+
+
+def _lc_requests(arb, lc, one_lc, n: int, gap_s: float = 0.0) -> list[float]:  # type: ignore[no-untyped-def]
+    """``n`` LC requests ``gap_s`` apart: their latencies, sorted."""
+    n0 = len(lc.latencies)
+    for _ in range(n):
+        arb.run_lc(lc, one_lc)
+        if gap_s:
+            time.sleep(gap_s)
+    return sorted(list(lc.latencies)[n0:])
+
+
+@contextlib.contextmanager
+def _be_gemms(arb, be, a, b, out, settle_s: float):  # type: ignore[no-untyped-def]
+    """BE row-op GEMMs ``out = a @ b`` on a thread for the block (after ``settle_s``)."""
+    stop = threading.Event()
+    th = threading.Thread(target=arb.run_be, args=(be, _gemm_ops(a, b, out), stop))
+    th.start()
     try:
-        for _ in range(200):
-            arb.run_lc(lc, one_lc)
-        alone_p50 = sorted(lc.latencies)[100]
-        stop = threading.Event()
-        th = threading.Thread(target=arb.run_be, args=(be, _gemm_ops(big_a, big_b, out), stop))
-        th.start()
-        try:
-            time.sleep(0.3)
-            n0 = len(lc.latencies)
-            for _ in range(200):
-                arb.run_lc(lc, one_lc)
-                time.sleep(0.002)
-            shared = sorted(list(lc.latencies)[n0:])
-        finally:
-            stop.set()
-            th.join()
+        time.sleep(settle_s)
+        yield th
+    finally:
+        stop.set()
+        th.join(10)
+
+
+def test_lc_waits_about_one_atom_behind_be(arb) -> None:  # type: ignore[no-untyped-def]
+    from laked.tenants import TenantSpec
+    lc, one_lc = _lc_gemm(arb, "t-lc")
+    be = arb.add_tenant(TenantSpec("t-be", "BE", 0, kind="job"))
+    big_a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    big_b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    try:
+        alone_p50 = _lc_requests(arb, lc, one_lc, 200)[100]
+        with _be_gemms(arb, be, big_a, big_b, out, 0.3):
+            shared = _lc_requests(arb, lc, one_lc, 200, 0.002)
         assert be.atoms > 50 and be.items > 0
         atom_s = arb.knobs.atom_us / 1e6
         # median wait behind BE: at most about one atom (+ slack for the host)
@@ -184,42 +203,23 @@ def test_lc_waits_about_one_atom_behind_be(arb) -> None:  # type: ignore[no-unty
 
 def test_be_parks_behind_lc_on_the_gpu_and_a_late_park_is_let_go(arb) -> None:  # type: ignore[no-untyped-def]
     from laked.tenants import TenantSpec
-    lc = arb.add_tenant(TenantSpec("t-park-lc", "LC", 0, kind="model"))
+    lc, one_lc = _lc_gemm(arb, "t-park-lc")
     be = arb.add_tenant(TenantSpec("t-park-be", "BE", 0, kind="job"))
-    lc.allow_partition = False
-    x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     # small integers: the sums are exact, so only bf16's rounding of them may differ
     a = torch.randint(-2, 3, (8192, 8192), device="cuda").to(torch.bfloat16)
     b = torch.randint(-2, 3, (8192, 8192), device="cuda").to(torch.bfloat16)
     out = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
     p0 = arb.parks.stats()
-
-    def one_lc() -> None:
-        torch.relu(x @ w)
     try:
-        for _ in range(100):
-            arb.run_lc(lc, one_lc)
-        alone_p50 = sorted(lc.latencies)[50]
-        stop = threading.Event()
-        th = threading.Thread(target=arb.run_be, args=(be, _gemm_ops(a, b, out), stop))
-        th.start()
-        try:
-            time.sleep(0.2)
-            n0 = len(lc.latencies)
-            for _ in range(150):
-                arb.run_lc(lc, one_lc)
-                time.sleep(0.003)
-            shared = sorted(list(lc.latencies)[n0:])
+        alone_p50 = _lc_requests(arb, lc, one_lc, 100)[50]
+        with _be_gemms(arb, be, a, b, out, 0.2) as th:
+            shared = _lc_requests(arb, lc, one_lc, 150, 0.003)
             parked = arb.parks.parked - p0["parked"]
             released = arb.parks.released
             items = be.items
             time.sleep(0.3)              # LC stops: the park it left is let go
             assert be.items > items, "BE stopped with LC"
             assert arb.parks.released > released
-        finally:
-            stop.set()
-            th.join(10)
         assert not th.is_alive()
         # holds before predicted arrivals became parks, and LC still waits
         # about one atom at most
