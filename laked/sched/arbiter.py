@@ -15,15 +15,19 @@
   less ``lead_us`` for host jitter), and held when even a small atom
   would not fit, until LC comes or is ``hold_us`` overdue (``plan.py``);
   by default not on the host: the atom is parked on the GPU behind the
-  LC request and the issuer goes on (``park.py``).
+  LC request and the issuer goes on (``park.py``).  An issuer that must
+  wait sleeps (on its oldest atom's event, or until an LC request ends):
+  one that polled took the GIL from LC's threads at every wake.
   Torch work is cut by the op-level atomizer (``opmode.py``), row ops by
   ``run_be``.
 - **Kernel and cu* tenants.**  Work the GPU executor launches on raw
   streams (lake_infer GPU batches and kernel cu* sessions, as the tenant
   ``kernel``; user clients' cu* sessions, as the client's tenant) is bound
   to its tenant through ``tenancy()`` (``tenancy.py``): an LC tenant's
-  launches shut a gate per stream, a BE tenant's launches wait for the LC
-  gates.  Such work runs on the whole GPU and is not right-sized.
+  launches shut a gate per stream (and, with ``park_raw``, count on its
+  request counter, so BE parks behind them too), a BE tenant's launches
+  wait for the LC gates.
+  Such work runs on the whole GPU and is not right-sized.
 - **Right-sizing.**  Per LC tenant, l(t) = m/t + b is fitted from its
   requests on the whole GPU and one probe on its quota's partition
   (``rightsize.py``); every request is predicted first and misses (off by
@@ -53,7 +57,7 @@ from .gate import Gates
 from .knobs import Knobs
 from .opmode import AtomizeMode, Split
 from .fast import Events, ensure_ctx, ensure_thread, set_primary, using
-from .pacer import LC_YIELD_S, YIELD_S, Pacer
+from .pacer import Pacer
 from .park import MASK, Parks
 from .partition import Partition, Partitions, check
 from .plan import Ask, LcView, Plan, decide, next_due
@@ -63,6 +67,9 @@ from .tenancy import GpuTenancy
 log = logging.getLogger("laked.sched")
 
 T = TypeVar("T")
+
+HOLD_POLL_S = 2e-3      # a held BE issuer looks again this often (LC's end wakes it sooner)
+MIN_WAIT_S = 20e-6
 
 
 @dataclass
@@ -82,7 +89,7 @@ class GpuTenant(TenantState):
     pacer: Pacer | None = None            # BE
     events: Events | None = None          # LC: the event after each request
     stream_slots: dict[int, int] = field(default_factory=dict)  # LC raw streams' gates
-    pass_slot: int = -1                   # LC via run_lc: its request counter (park.py)
+    pass_slot: int = -1                   # LC: its request counter (park.py); -2: none left
     pass_n: int = 0                       # ... the number of its last request
 
     def gate_slots(self) -> list[int]:
@@ -122,6 +129,10 @@ class GpuArbiter(Arbiter):
         self.lc_active = 0
         self.last_lc = 0.0                        # host time the last LC request ended
         self._lock = threading.Lock()
+        # BE issuers holding for LC sleep on this until a request ends (a
+        # polling issuer would take the GIL from LC's threads every wake)
+        self._lc_ended = threading.Condition(self._lock)
+        self._leaves = 0
         self._energy_stop = threading.Event()
         self.idle_energy_j = 0.0
         self.nvml: power.Nvml | None = None
@@ -236,6 +247,27 @@ class GpuArbiter(Arbiter):
         t.last_end = self.last_lc = time.perf_counter()
         with self._lock:
             self.lc_active -= 1
+            self._leaves += 1
+            self._lc_ended.notify_all()
+
+    def _next_request(self, t: GpuTenant) -> int:
+        """Number ``t``'s next request on its counter (BE parks on it, park.py);
+        -1: no counter is left, so BE holds on the host for this tenant."""
+        if t.pass_slot == -1:
+            try:
+                t.pass_slot, t.pass_n = self.parks.slot()
+            except RuntimeError as e:
+                t.pass_slot = -2
+                log.warning("%s: %s; BE holds on the host before its requests", t.name, e)
+        if t.pass_slot < 0:
+            return -1
+        t.pass_n = (t.pass_n + 1) & MASK
+        return t.pass_n
+
+    def _mark(self, t: GpuTenant, stream: int, n: int) -> None:
+        """Queue on ``stream``, after request ``n``'s work, that it is done."""
+        if n >= 0:
+            self.parks.mark(stream, t.pass_slot, n)
 
     def run_lc(self, t: TenantState, fn: Callable[[], T], items: int = 1) -> T:
         """One LC request: ``fn`` issues it on the tenant's stream; returns when done."""
@@ -244,10 +276,8 @@ class GpuArbiter(Arbiter):
         with t.lock:                        # one request of a tenant at a time: one gate
             sms = self._place(t)
             ensure_thread(t.stream)
-            if t.pass_slot < 0:
-                t.pass_slot, t.pass_n = self.parks.slot()
             t0 = time.perf_counter()
-            t.pass_n = (t.pass_n + 1) & MASK    # before _arrive: BE parks on the next one
+            n = self._next_request(t)           # before _arrive: BE parks on the next one
             self._arrive(t, t0)
             stream, cs = t.stream, t.stream.cuda_stream
             try:
@@ -257,7 +287,7 @@ class GpuArbiter(Arbiter):
                         out = fn()
                 finally:
                     self.gates.open(t.slot, cs)
-                    self.parks.mark(cs, t.pass_slot, t.pass_n)
+                    self._mark(t, cs, n)
                     done = t.events.record(cs)
                 t.events.wait(done)
                 t.events.put(done)
@@ -341,6 +371,7 @@ class GpuArbiter(Arbiter):
         seq0 = self.lc_seq
         while True:
             p.wait_depth(k.depth)
+            leaves = self._leaves
             now = time.perf_counter()
             ts = self.lc_tenants()          # one snapshot per plan
             v = self._lc_view(ts, now)
@@ -358,19 +389,23 @@ class GpuArbiter(Arbiter):
                 slots = [s for t in ts if kind == "full" or t.partition is None
                          for s in t.gate_slots()]
                 return Plan(budget, kind, slots, park)
-            # LC runs or is due: BE can only wait; leave the GIL to LC's threads
-            time.sleep(LC_YIELD_S if v.run_full else YIELD_S)
+            # LC runs or is due: sleep until a request ends, or until the
+            # prediction is hold_us overdue (then decide() lets BE go)
+            wait = HOLD_POLL_S if v.run_full else v.until_s + k.hold_us / 1e6
+            with self._lc_ended:
+                if self._leaves == leaves:
+                    self._lc_ended.wait(min(max(wait, MIN_WAIT_S), HOLD_POLL_S))
             if not v.run_full:
                 p.hold_s += time.perf_counter() - now
 
     def _park_on(self, ts: list[GpuTenant], v: LcView) -> tuple[int, int, float] | None:
         """The wait for the LC request ``v`` expects next (None: its tenant
-        keeps no counter, as raw-stream tenants do: hold on the host)."""
+        has no counter, so BE holds on the host)."""
         if v.until_i < 0:
             return None
         t = ts[v.until_i]
         if t.pass_slot < 0:
-            return None
+            return None             # no request counted yet, or no counter left
         return t.pass_slot, (t.pass_n + 1) & MASK, t.due + self.knobs.hold_us / 1e6
 
     @contextlib.contextmanager

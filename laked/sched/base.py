@@ -84,13 +84,13 @@ class Tenancy:
     def __init__(self, tenant: TenantState | None = None) -> None:
         self.t = tenant
 
-    def before_launch(self, stream: Any) -> int:
+    def before_launch(self, stream: Any) -> Any:
         """Called before a launch is queued on ``stream``; returns a token for after."""
         if self.t is not None:
             self.t.launches += 1
-        return -1
+        return None
 
-    def after_launch(self, stream: Any, token: int) -> None:
+    def after_launch(self, stream: Any, token: Any) -> None:
         """Called once the launch is queued (or failed to be)."""
 
     def forget(self, stream: Any) -> None:

@@ -76,9 +76,11 @@ def using(stream: torch.cuda.Stream, device: int = 0) -> Iterator[None]:
 class Events:
     """CUDA driver events, reused (creation costs more than recording)."""
 
-    def __init__(self, timing: bool) -> None:
+    def __init__(self, timing: bool, blocking: bool = False) -> None:
         self.cu = _driver()
-        self.flags = 0 if timing else int(self.cu.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+        f = self.cu.CUevent_flags
+        self.flags = ((0 if timing else int(f.CU_EVENT_DISABLE_TIMING))
+                      | (int(f.CU_EVENT_BLOCKING_SYNC) if blocking else 0))
         self.free: list[Any] = []
         self._not_ready = int(self.cu.CUresult.CUDA_ERROR_NOT_READY)
 

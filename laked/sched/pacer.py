@@ -27,8 +27,6 @@ from .opmode import Split
 if TYPE_CHECKING:
     from .arbiter import GpuArbiter, GpuTenant
 
-YIELD_S = 20e-6      # a real sleep hands the GIL to LC's launching threads
-LC_YIELD_S = 100e-6  # ... and a longer one while LC work runs
 SMALL_S = 20e-6      # ops estimated below this run without an atom boundary
 
 
@@ -53,8 +51,10 @@ class Pacer:
         self.rates: dict[tuple[Any, ...], float] = {}
         self.kind = "full"
         self.dev = arb.dev
-        self.ev = Events(timing=False)
-        self.tev = Events(timing=True)
+        # blocking-sync events: an issuer waiting for room sleeps in the
+        # driver, without the GIL, rather than spinning or polling for it
+        self.ev = Events(timing=False, blocking=True)
+        self.tev = Events(timing=True, blocking=True)
         self._open = False
         self._est = 0.0
         self._budget = 0.0
@@ -170,17 +170,17 @@ class Pacer:
             self.t.busy_s += spent
 
     def wait_depth(self, depth: int) -> None:
+        """Wait until fewer than ``depth`` atoms are in flight.  The wait is on
+        the oldest atom's event: a polling issuer took the GIL from LC's
+        threads at every wake, about every 70 us."""
         self.reap()
         if len(self.inflight) < depth:
             return
         t0 = time.perf_counter()
-        while True:
-            # while LC runs BE can only wait: leave the GIL to LC's threads
-            time.sleep(LC_YIELD_S if self.arb.lc_active else YIELD_S)
+        while len(self.inflight) >= depth:
+            self.ev.wait(self.inflight[0].end)
             self.reap()
-            if len(self.inflight) < depth:
-                self.wait_depth_s += time.perf_counter() - t0
-                return
+        self.wait_depth_s += time.perf_counter() - t0
 
     def drain(self) -> None:
         with self.lock:

@@ -96,7 +96,7 @@ def _pair_rows(d: Any, configs: tuple[str, ...]) -> list[str]:
 
 
 SHOWN_KNOBS = ("atom_us", "idle_atom_us", "min_atom_us", "depth", "hold_us", "lead_us", "park",
-               "gil_switch_us", "gate_timeout_ms")
+               "park_raw", "gil_switch_us", "gate_timeout_ms")
 
 PAIR_HEAD = ["| LC+BE | config | LC p50 (ms) | LC p99 (ms) | LC max (ms) | p50 / isolated | "
              "p99 / isolated | BE / solo | LC goodput | GPU mJ per LC request (BE's included) |",

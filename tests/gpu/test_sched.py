@@ -365,6 +365,42 @@ def test_kernel_launches_hold_be_atoms_until_they_end(arb, kernel_side) -> None:
         arb.remove_tenant(be)
 
 
+def test_be_parks_behind_kernel_launches(arb, kernel_side) -> None:  # type: ignore[no-untyped-def]
+    """With park_raw, kernel launches arriving in a rhythm: BE atoms that
+    would not fit before the next one park behind it on the GPU."""
+    from lake.standin import Launch, u64
+
+    from laked.sched.park import behind
+    from laked.tenants import TenantSpec
+    _k, s, spin, t = kernel_side
+    st = s.stream_create()
+    be = arb.add_tenant(TenantSpec("t-be-kpark", "BE", 0, kind="job"))
+    arb.knobs.park_raw = True
+    a = torch.randint(-2, 3, (8192, 8192), device="cuda").to(torch.bfloat16)
+    b = torch.randint(-2, 3, (8192, 8192), device="cuda").to(torch.bfloat16)
+    out = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    p0 = arb.parks.parked
+    try:
+        with _be_gemms(arb, be, a, b, out, 0.2):
+            for _ in range(120):
+                s.launch(Launch(spin, (1, 1, 1), (32, 1, 1), [u64(_spin_cycles(0.2))],
+                                stream=st))
+                s.stream_sync(st)
+                time.sleep(0.003)
+        parked = arb.parks.parked - p0
+        assert parked >= 30, arb.parks.stats()
+        # every launch was marked on the GPU after its work (the last park
+        # may since have been let go by the host: one more)
+        assert not behind(int(arb.parks.counts[t.pass_slot]), t.pass_n)
+        assert be.items > 0 and arb.gates.forced_opens == 0
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out.float(), (a @ b).float(), rtol=1e-2, atol=2.0)
+        s.stream_destroy(st)
+    finally:
+        arb.knobs.park_raw = False
+        arb.remove_tenant(be)
+
+
 def test_be_client_launches_wait_for_lc_and_infer_is_counted(arb, kernel_side) -> None:  # type: ignore[no-untyped-def]
     """A BE client's cu* launches wait on the GPU for LC's gates (an unbound
     executor's do not); the kernel's INFER batches are its tenant's requests."""

@@ -1,6 +1,8 @@
 """The scheduler's pure parts: source atomizer, right-sizing fit, DVFS advice."""
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from laked.sched import kernel_atoms, power, rightsize
@@ -294,10 +296,36 @@ class _RecordingGates:
         self.calls.extend(("wait", s, stream) for s in slots)
 
 
-class _Arb:
-    """The GPU arbiter's LC bookkeeping that GpuTenancy uses."""
+class _RecordingParks:
+    """Park counters without a GPU (tests/gpu/test_sched.py has their effect):
+    marks go into the gates' call list, so their order shows."""
 
-    def __init__(self, gates: _RecordingGates) -> None:
+    def __init__(self, calls: list[tuple[str, int, int]], left: int = 4) -> None:
+        self.calls = calls
+        self.left = left
+
+    def slot(self) -> tuple[int, int]:
+        if not self.left:
+            raise RuntimeError("all 0 park counters are taken")
+        self.left -= 1
+        return self.left, 7          # counting on from 7
+
+    def mark(self, stream: int, slot: int, n: int) -> None:
+        self.calls.append(("mark", n, stream))
+
+
+class _Arb:
+    """The GPU arbiter's LC bookkeeping that GpuTenancy uses (its request
+    counting is the arbiter's own code, on recording parks)."""
+
+    def __init__(self, gates: _RecordingGates, counters: int = 4) -> None:
+        pytest.importorskip("torch")
+        from laked.sched.arbiter import GpuArbiter
+        from laked.sched.knobs import Knobs
+        self.knobs = Knobs(park_raw=True)
+        self._next_request = types.MethodType(GpuArbiter._next_request, self)
+        self._mark = types.MethodType(GpuArbiter._mark, self)
+        self.parks = _RecordingParks(gates.calls, counters)
         self.gates = gates
         self.lc: list = []
         self.arrivals = 0
@@ -333,10 +361,16 @@ def test_lc_tenancy_gates_each_stream_on_its_own_and_gives_gates_back() -> None:
         ten.after_launch(stream, tok)
     s10, s20 = t.stream_slots[0x10], t.stream_slots[0x20]
     assert len({t.slot, s10, s20}) == 3         # a gate per stream, none the tenant's own
-    assert gates.calls == [("close", s10, 0x10), ("open", s10, 0x10),
-                           ("close", s20, 0x20), ("open", s20, 0x20),
-                           ("close", s10, 0x10), ("open", s10, 0x10)]
-    assert (t.launches, arb.arrivals, arb.active) == (3, 3, 0)
+    # each launch counts on the tenant's one counter, marked after its gate opens
+    assert gates.calls == [("close", s10, 0x10), ("open", s10, 0x10), ("mark", 8, 0x10),
+                           ("close", s20, 0x20), ("open", s20, 0x20), ("mark", 9, 0x20),
+                           ("close", s10, 0x10), ("open", s10, 0x10), ("mark", 10, 0x10)]
+    assert (t.launches, arb.arrivals, arb.active, t.pass_slot, t.pass_n) == (3, 3, 0, 3, 10)
+    arb.knobs.park_raw = False           # the default: gated, not counted
+    gates.calls.clear()
+    ten.after_launch(0x10, ten.before_launch(0x10))
+    assert gates.calls == [("close", s10, 0x10), ("open", s10, 0x10)] and t.pass_n == 10
+    arb.knobs.park_raw = True
     assert sorted(t.gate_slots()) == sorted([t.slot, s10, s20])
     # out of gates: a third stream shares the tenant's gate, and keeps it on forget
     tok = ten.before_launch(0x30)
@@ -364,7 +398,7 @@ def test_tenancy_goes_ungated_when_a_gate_fails(caplog: pytest.LogCaptureFixture
     ten = GpuTenancy(arb, t)                     # type: ignore[arg-type]
     gates.fail_close = True
     with caplog.at_level("ERROR", logger="laked.sched"):
-        assert ten.before_launch(0x10) == -1
+        assert ten.before_launch(0x10) is None
     assert "no longer gated" in caplog.text and "CUresult 1" in ten.broken
     gates.fail_close = False
     gates.calls.clear()
@@ -374,6 +408,22 @@ def test_tenancy_goes_ungated_when_a_gate_fails(caplog: pytest.LogCaptureFixture
     ten2.before_launch(0x40)
     ten2.context_lost()                          # the executor reset the context
     assert not ten2.gt.stream_slots and "reset" in ten2.broken
+
+
+def test_lc_tenancy_without_a_counter_left_is_still_gated(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from laked.sched.tenancy import GpuTenancy
+    gates = _RecordingGates()
+    arb = _Arb(gates, counters=0)
+    t = _tenant("LC", gates.slot())
+    ten = GpuTenancy(arb, t)                     # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="laked.sched"):
+        for _ in range(2):
+            ten.after_launch(0x10, ten.before_launch(0x10))
+    s10 = t.stream_slots[0x10]
+    assert gates.calls == [("close", s10, 0x10), ("open", s10, 0x10)] * 2   # no marks
+    assert t.pass_slot == -2 and caplog.text.count("park counters are taken") == 1
+    assert (t.launches, arb.arrivals, arb.active) == (2, 2, 0)
 
 
 def test_be_tenancy_waits_for_every_lc_gate() -> None:
