@@ -473,8 +473,7 @@ def plot(out: dict[str, Any], path: str) -> None:
         ax.legend()
     axes[0].set_yscale("log")
     fig.suptitle(f"laked arbiter on {out['device']} (LC every "
-                 f"{out['args']['period_ms']} ms, {out['args']['requests']} requests/point; "
-                 "static's LC ratios are to the eager isolated run)")
+                 f"{out['args']['period_ms']} ms, {out['args']['requests']} requests/point)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
