@@ -278,11 +278,11 @@ def repeat_section(d: Any, main: Any, title: str) -> list[str]:
     return out + [""]
 
 
-def park_raw_section(d: Any) -> list[str]:
-    """The A/B behind park_raw's default: BE parked or held before kernel INFER."""
+def kinfer_ab_section(d: Any, title: str) -> list[str]:
+    """An A/B of how BE waits before kernel INFER (park_raw, a held issuer's wake)."""
     if not d:
         return []
-    out = ["### Parking behind kernel INFER (`park_raw`), A/B", "", d["provenance"], "",
+    out = [f"### {title}", "", d["provenance"], "",
            "| variant | isolated p50 / p99 (ms) | LC+BE | LC p50 / p99 (ms) | BE / solo | "
            "BE hold (s) | parked |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for v in d["variants"]:
@@ -311,7 +311,10 @@ def main() -> int:
     lines += sched_section(sched)
     lines += repeat_section(load("sched_gpu_repeat.json"), sched, "Another run, same code")
     lines += repeat_section(load("sched_gpu_previous.json"), sched, "The previous scheduler")
-    lines += park_raw_section(load("park_raw_ab.json"))
+    lines += kinfer_ab_section(load("park_raw_ab.json"),
+                               "Parking behind kernel INFER (`park_raw`), A/B")
+    lines += kinfer_ab_section(load("hold_wake_ab.json"),
+                               "When a held issuer wakes beside kernel INFER, A/B")
     lines += graph_section(load("graph_partition.json"))
     lines += trace_section(load("sched_gpu_trace.json"))
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
