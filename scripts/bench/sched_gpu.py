@@ -154,6 +154,9 @@ class Trace:
         """Mean of each part over the slowest 1 % and the middle 50 %, into ``r``."""
         rows = sorted(self.rows)
         n = len(rows)
+        if not n:       # kinfer: its requests do not go through wrap()
+            print(f"  trace {label}: no traced requests", flush=True)
+            return
 
         def mean(sel: list[tuple[float, ...]]) -> dict[str, float]:
             return {k: round(statistics.fmean(row[i] for row in sel) * self.SCALE[i], 3)
@@ -333,7 +336,8 @@ def main() -> int:
     ap.add_argument("--merge", nargs="+", default=[],
                     help="merge JSON files of runs (one per LC workload) into --out")
     ap.add_argument("--trace", action="store_true",
-                    help="diagnostics: split each lake LC request's time (not for the table)")
+                    help="diagnostics: split each lake LC request's time (not for the "
+                    "table; torch LC only: kinfer's requests go through the executor)")
     ap.add_argument("--note", default="", help="with --merge: where the runs came from")
     ap.add_argument("--stall-s", type=float, default=0,
                     help="dump every thread's stack and exit if the run lasts this long")
