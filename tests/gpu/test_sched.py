@@ -157,6 +157,14 @@ def _lc_requests(arb, lc, one_lc, n: int, gap_s: float = 0.0) -> list[float]:  #
     return sorted(list(lc.latencies)[n0:])
 
 
+def _int_gemm():  # type: ignore[no-untyped-def]
+    """Operands and output of an 8192^3 bf16 GEMM of small integers: the sums
+    are exact, so only bf16's rounding of them may differ from ``a @ b``."""
+    a = torch.randint(-2, 3, (8192, 8192), device="cuda").to(torch.bfloat16)
+    b = torch.randint(-2, 3, (8192, 8192), device="cuda").to(torch.bfloat16)
+    return a, b, torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
+
+
 @contextlib.contextmanager
 def _be_gemms(arb, be, a, b, out, settle_s: float):  # type: ignore[no-untyped-def]
     """BE row-op GEMMs ``out = a @ b`` on a thread for the block (after ``settle_s``)."""
@@ -205,10 +213,7 @@ def test_be_parks_behind_lc_on_the_gpu_and_a_late_park_is_let_go(arb) -> None:  
     from laked.tenants import TenantSpec
     lc, one_lc = _lc_gemm(arb, "t-park-lc")
     be = arb.add_tenant(TenantSpec("t-park-be", "BE", 0, kind="job"))
-    # small integers: the sums are exact, so only bf16's rounding of them may differ
-    a = torch.randint(-2, 3, (8192, 8192), device="cuda").to(torch.bfloat16)
-    b = torch.randint(-2, 3, (8192, 8192), device="cuda").to(torch.bfloat16)
-    out = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    a, b, out = _int_gemm()
     p0 = arb.parks.stats()
     try:
         alone_p50 = _lc_requests(arb, lc, one_lc, 100)[50]
@@ -380,9 +385,7 @@ def test_be_parks_behind_kernel_launches(arb, kernel_side) -> None:  # type: ign
     st = s.stream_create()
     be = arb.add_tenant(TenantSpec("t-be-kpark", "BE", 0, kind="job"))
     arb.knobs.park_raw = True
-    a = torch.randint(-2, 3, (8192, 8192), device="cuda").to(torch.bfloat16)
-    b = torch.randint(-2, 3, (8192, 8192), device="cuda").to(torch.bfloat16)
-    out = torch.empty(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    a, b, out = _int_gemm()
     p0, forced = arb.parks.parked, arb.gates.forced_opens
     try:
         with _be_gemms(arb, be, a, b, out, 0.2):
