@@ -278,20 +278,20 @@ def repeat_section(d: Any, main: Any, title: str) -> list[str]:
     return out + [""]
 
 
-def kinfer_ab_section(d: Any, title: str) -> list[str]:
-    """An A/B of how BE waits before kernel INFER (park_raw, a held issuer's wake)."""
+def ab_section(d: Any, title: str) -> list[str]:
+    """An A/B of scheduler variants, each against its own isolated run."""
     if not d:
         return []
     out = [f"### {title}", "", d["provenance"], "",
            "| variant | isolated p50 / p99 (ms) | LC+BE | LC p50 / p99 (ms) | BE / solo | "
            "BE hold (s) | parked |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for v in d["variants"]:
-        iso = next(r["lc"] for r in v["runs"] if r["config"] == "isolated-lc")
+        iso = {r["lc_work"]: r["lc"] for r in v["runs"] if r["config"] == "isolated-lc"}
         for r in v["runs"]:
             if r["config"] != "lake":
                 continue
-            p = r.get("be_pacer", {})
-            out.append(f"| {v['label']} | {f(iso['p50_ms'], 3)} / {f(iso['p99_ms'], 3)} | "
+            p, i = r.get("be_pacer", {}), iso[r["lc_work"]]
+            out.append(f"| {v['label']} | {f(i['p50_ms'], 3)} / {f(i['p99_ms'], 3)} | "
                        f"{r['lc_work']}+{r['be_work']} | {f(r['lc']['p50_ms'], 3)} / "
                        f"{f(r['lc']['p99_ms'], 3)} | {f(r['be_ratio'])} | "
                        f"{f(p.get('hold_s'))} | {p.get('parked', '-')} |")
@@ -311,10 +311,13 @@ def main() -> int:
     lines += sched_section(sched)
     lines += repeat_section(load("sched_gpu_repeat.json"), sched, "Another run, same code")
     lines += repeat_section(load("sched_gpu_previous.json"), sched, "The previous scheduler")
-    lines += kinfer_ab_section(load("park_raw_ab.json"),
-                               "Parking behind kernel INFER (`park_raw`), A/B")
-    lines += kinfer_ab_section(load("hold_wake_ab.json"),
-                               "When a held issuer wakes beside kernel INFER, A/B")
+    lines += ab_section(load("park_raw_ab.json"), "Parking behind kernel INFER (`park_raw`), A/B")
+    lines += ab_section(load("hold_wake_ab.json"),
+                        "When a held issuer wakes beside kernel INFER, A/B")
+    lines += ab_section(load("held_gil_ab.json"),
+                        "Keeping the GIL on LC's issue path (branch exp/held-gil, not landed), A/B")
+    lines += repeat_section(load("sched_gpu_branch.json"), sched,
+                            "Branch exp/held-gil: its full run (not landed)")
     lines += graph_section(load("graph_partition.json"))
     lines += trace_section(load("sched_gpu_trace.json"))
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
