@@ -34,6 +34,11 @@ log = logging.getLogger("laked.sched.park")
 MASK = 0xFFFFFFFF
 
 
+def past(n: int) -> int:
+    """A counter value every wait for requests up to ``n`` (and well beyond) passes."""
+    return (n + 0x40000000) & MASK
+
+
 def behind(have: int, want: int) -> bool:
     """``have`` < ``want`` as wrapping 32-bit counters (the GPU's GEQ test)."""
     return ((have - want) & MASK) >= 0x80000000
@@ -95,7 +100,7 @@ class Parks:
         """The tenant leaves: every atom parked on it goes now."""
         with self._cv:
             self._due.drop(slot)
-            self.counts[slot] = (last + 0x40000000) & MASK
+            self.counts[slot] = past(last)
             self._free.append(slot)
 
     def mark(self, stream: int, slot: int, n: int) -> None:
@@ -140,7 +145,7 @@ class Parks:
             self._cv.notify()
         self._th.join(2)
         for s in range(SLOTS):          # nothing may stay parked on freed memory
-            self.counts[s] = (int(self.counts[s]) + 0x40000000) & MASK
+            self.counts[s] = past(int(self.counts[s]))
         self.cu.cuMemFreeHost(self._host)
 
     def stats(self) -> dict[str, Any]:
