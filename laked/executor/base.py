@@ -266,9 +266,9 @@ class Executor(ABC):
                           f"payload {sqe.data_len} bytes, batch {batch} needs {in_len + out_len}")
         data = self.payload(sqe)
         x = np.frombuffer(data[:in_len], dtype="<i4").reshape(batch, n_in)
-        with self.tenancy.request(batch):
+        with self.tenancy.request(batch):     # done once the output is in the region
             y = self.run_mlp(mid, version, model, x)
-        data[in_len:] = np.ascontiguousarray(y, dtype="<i4").tobytes()
+            data[in_len:] = np.ascontiguousarray(y, dtype="<i4").tobytes()
         return OK
 
     def _model(self, mid: int, version: int, off: int, length: int) -> FixedMLP:

@@ -10,16 +10,19 @@ through torch, so the arbiter cannot atomize that work; it can gate it:
   running.  One gate per stream, because a flag shared by two streams
   would be opened by whichever finished first.  Launches also feed the
   arrival predictor that sizes BE atoms (per launch, not per request).
-  With the knob ``park_raw``, each also bumps the tenant's request counter
-  on the GPU once its work ran, so a BE atom that will not fit before the
-  next launch parks behind it (park.py) as it does behind a torch tenant's
-  request.  Off by default: on an H200 it gave BE 0.91/0.84 of solo beside
-  kernel INFER (vs 0.84/0.74 holding on the host) but INFER's median rose
-  about 0.1 ms.  A parked issuer keeps queueing, so its Python runs around
-  the predicted arrival, taking the GIL from the launching thread; a held
-  one runs once the launch is queued, while INFER waits on the GPU.  With
-  two streams, marks can land out of order (a store, not a max): a park
-  may then wait for the following launch or its host release.
+  With the knob ``park_raw`` (on by default), each also bumps the
+  tenant's request counter on the GPU once its work ran, so a BE atom that
+  will not fit before the next launch parks behind it (park.py) as it does
+  behind a torch tenant's request, and BE starts the moment the kernel's
+  work ends.  On an H200 beside kernel INFER it gave BE 0.95/0.90/0.85 of
+  solo (gemm/mem/train) against 0.91/0.87/0.77 holding on the host, at a
+  higher INFER median (0.49-0.60 ms against 0.34-0.42): a parked issuer
+  keeps queueing, so its Python runs around the predicted arrival and
+  takes the GIL from the executor's thread.  With two streams, marks can
+  land out of order (a store, not a max): a park may then wait for the
+  following launch or its host release.
+- **INFER batches** end as LC requests once their output is in the
+  region (``request``), not once their launches are queued.
 - **BE tenant** (a user client that asked for BE): every launch first waits
   on the GPU for all LC gates.  Its kernels run whole: laked cannot cut a
   cubin it did not compile into block ranges.
@@ -39,10 +42,11 @@ allocates before it launches.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .base import Tenancy, TenantState
 from .gate import GateError
@@ -69,6 +73,7 @@ class GpuTenancy(Tenancy):
         self.gt.model = None
         self.broken = ""                # why launches now go ungated
         self._retiring: list[tuple[int, Any]] = []     # (stream_slots key, event)
+        self._leaves_due: int | None = None     # in an INFER batch: leaves held back
 
     @property
     def nonblocking_streams(self) -> bool:     # type: ignore[override]
@@ -125,7 +130,26 @@ class GpuTenancy(Tenancy):
         except GateError as e:
             self._break(str(e))         # the watchdog reopens it: still recorded as shut
         finally:
-            self.arb._leave(self.gt)                # noqa: SLF001
+            if self._leaves_due is None:
+                self.arb._leave(self.gt)            # noqa: SLF001
+            else:
+                self._leaves_due += 1
+
+    @contextlib.contextmanager
+    def request(self, items: int) -> Iterator[None]:
+        """An INFER batch: LC leaves once its result is on the host, as a torch
+        LC request does (arbiter.run_lc), not once its launches are queued.
+        A BE issuer woken at the queueing would run its Python through the
+        rest of the batch (the copy back, the completion), and each of the
+        batch's remaining steps would wait for the GIL."""
+        self._leaves_due = 0
+        try:
+            with super().request(items):
+                yield
+        finally:
+            due, self._leaves_due = self._leaves_due, None
+            for _ in range(due):
+                self.arb._leave(self.gt)            # noqa: SLF001
 
     def forget(self, stream: Any) -> None:
         """Called before ``stream`` is destroyed: its gate goes back once its work ran."""

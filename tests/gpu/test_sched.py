@@ -384,7 +384,7 @@ def test_be_parks_behind_kernel_launches(arb, kernel_side) -> None:  # type: ign
     _k, s, spin, t = kernel_side
     st = s.stream_create()
     be = arb.add_tenant(TenantSpec("t-be-kpark", "BE", 0, kind="job"))
-    arb.knobs.park_raw = True
+    was, arb.knobs.park_raw = arb.knobs.park_raw, True
     a, b, out = _int_gemm()
     p0, forced = arb.parks.parked, arb.gates.forced_opens
     try:
@@ -404,7 +404,7 @@ def test_be_parks_behind_kernel_launches(arb, kernel_side) -> None:  # type: ign
         torch.testing.assert_close(out.float(), (a @ b).float(), rtol=1e-2, atol=2.0)
         s.stream_destroy(st)
     finally:
-        arb.knobs.park_raw = False
+        arb.knobs.park_raw = was
         arb.remove_tenant(be)
 
 
@@ -457,6 +457,38 @@ def test_be_client_launches_wait_for_lc_and_infer_is_counted(arb, kernel_side) -
     assert (t.requests - req0, t.items - items0) == (2, 501)
     summary = {x["name"]: x for x in arb.status()["tenants"]}["t-kernel"]
     assert summary["launches"] >= 4 and summary["p50_ms"] is not None
+
+
+def test_infer_lets_be_go_only_once_its_result_is_back(arb, kernel_side) -> None:  # type: ignore[no-untyped-def]
+    """An INFER batch's LC request ends (waking BE issuers held for it) once
+    its output is on the host, not once its launches are queued: the batch
+    is recorded and its output written by the time it leaves."""
+    from laked import mlp
+    k, s, _spin, t = kernel_side
+    model = mlp.quantize(*mlp.linnos_like(5))
+    blob = model.blob()
+    boff = s.host_copy(blob)
+    xq = mlp.to_fixed(np.random.default_rng(7).normal(size=(256, 31)), model.frac)
+    off = s.mem_alloc_host(256 * 33 * 4)
+    k.write(off, xq.astype("<i4").tobytes())
+    want = model.run(xq).astype("<i4").tobytes()
+    seen = []
+    leave = arb._leave
+
+    def spy(tt):  # type: ignore[no-untyped-def]
+        seen.append((tt is t, t.requests, arb.lc_active, k.read(off + 256 * 31 * 4, 256 * 8)))
+        leave(tt)
+    arb._leave = spy                    # an instance attribute: the tenancy calls it
+    try:
+        req0 = t.requests
+        s.infer(1, 1, boff, len(blob), 256, 31, 2, off)
+    finally:
+        del arb._leave
+    assert len(seen) == 1, len(seen)
+    mine, requests, active, out = seen[0]
+    assert mine and requests == req0 + 1 and active == 1
+    assert out == want                  # already copied back when BE was let go
+    assert arb.lc_active == 0 and not t.active
 
 
 def test_atomize_mode_gives_identical_results(arb) -> None:  # type: ignore[no-untyped-def]

@@ -366,7 +366,7 @@ def test_lc_tenancy_gates_each_stream_on_its_own_and_gives_gates_back() -> None:
                            ("close", s20, 0x20), ("open", s20, 0x20), ("mark", 9, 0x20),
                            ("close", s10, 0x10), ("open", s10, 0x10), ("mark", 10, 0x10)]
     assert (t.launches, arb.arrivals, arb.active, t.pass_slot, t.pass_n) == (3, 3, 0, 3, 10)
-    arb.knobs.park_raw = False           # the default: gated, not counted
+    arb.knobs.park_raw = False           # gated, not counted
     gates.calls.clear()
     ten.after_launch(0x10, ten.before_launch(0x10))
     assert gates.calls == [("close", s10, 0x10), ("open", s10, 0x10)] and t.pass_n == 10
@@ -388,6 +388,26 @@ def test_lc_tenancy_gates_each_stream_on_its_own_and_gives_gates_back() -> None:
     ten.close()                         # the executor closed: waits for that work
     assert gates.calls == [("release", s20, -1)]
     assert list(t.stream_slots) == [0x10] and gates.cu.destroyed
+
+
+def test_an_infer_batch_leaves_once_it_is_done_not_once_it_is_queued() -> None:
+    from laked.sched.tenancy import GpuTenancy
+    gates = _RecordingGates()
+    arb = _Arb(gates)
+    t = _tenant("LC", gates.slot())
+    ten = GpuTenancy(arb, t)                     # type: ignore[arg-type]
+    with ten.request(64):
+        for _ in range(2):                       # two launches in one batch
+            ten.after_launch(0x10, ten.before_launch(0x10))
+        assert arb.active == 2                   # gates open on the GPU; LC still here
+    assert arb.active == 0 and t.requests == 1
+    with pytest.raises(RuntimeError):
+        with ten.request(1):
+            ten.after_launch(0x10, ten.before_launch(0x10))
+            raise RuntimeError("the copy back failed")
+    assert arb.active == 0 and t.errors == 1     # a failed batch leaves too
+    ten.after_launch(0x10, ten.before_launch(0x10))
+    assert arb.active == 0                       # a launch outside a batch leaves at once
 
 
 def test_tenancy_goes_ungated_when_a_gate_fails(caplog: pytest.LogCaptureFixture) -> None:
