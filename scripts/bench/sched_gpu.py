@@ -36,7 +36,7 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")     # as laked sets i
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "scripts" / "bench")]
 
-if "--merge" not in sys.argv:
+if "--merge" not in sys.argv and "--ab" not in sys.argv:
     import faulthandler
 
     import torch
@@ -328,6 +328,8 @@ def main() -> int:
     ap.add_argument("--be", default="gemm,mem,train")
     ap.add_argument("--configs", default="shared,static,lake")
     ap.add_argument("--quota-sms", type=int, default=64, help="static split: LC's SMs")
+    ap.add_argument("--conv-batch", type=int, default=32,
+                    help="images per conv request (64 was the table's before 2026-12-01)")
     ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                     help="scheduler knob (repeatable), e.g. atom_us=300")
     ap.add_argument("--be-seconds", type=float, default=3.0)
@@ -338,12 +340,17 @@ def main() -> int:
     ap.add_argument("--trace", action="store_true",
                     help="diagnostics: split each lake LC request's time (not for the "
                     "table; torch LC only: kinfer's requests go through the executor)")
-    ap.add_argument("--note", default="", help="with --merge: where the runs came from")
+    ap.add_argument("--ab", nargs="+", default=[], metavar="LABEL=FILE",
+                    help="collect runs of variants (each FILE one run's JSON) into an A/B "
+                    "file, --out, for report.py")
+    ap.add_argument("--note", default="", help="with --merge or --ab: where the runs came from")
     ap.add_argument("--stall-s", type=float, default=0,
                     help="dump every thread's stack and exit if the run lasts this long")
     args = ap.parse_args()
     if args.merge:
         return merge(args)
+    if args.ab:
+        return ab(args)
     if args.stall_s:
         faulthandler.dump_traceback_later(args.stall_s, exit=True)
     args.configs = args.configs.split(",")
@@ -362,7 +369,7 @@ def main() -> int:
                "lo": torch.cuda.Stream(priority=arb.prio_lo),
                "st_lc": parts.get(0, lc_units).torch_stream(arb.prio_hi),
                "st_be": parts.get(lc_units, parts.n_units, True).torch_stream(arb.prio_lo)}
-    lcs = [W.LC[n]() for n in args.lc.split(",")]
+    lcs = [W.LC[n](args.conv_batch) if n == "conv" else W.LC[n]() for n in args.lc.split(",")]
     bes = [W.BE[n]() for n in args.be.split(",")]
     for s in streams.values():                 # warm cuBLAS/cuDNN on every stream
         with torch.cuda.stream(s):
@@ -445,6 +452,20 @@ def merge(args: argparse.Namespace) -> int:
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     if args.plot:
         plot(out, args.plot)
+    return 0
+
+
+def ab(args: argparse.Namespace) -> int:
+    variants = []
+    for spec in args.ab:
+        label, sep, f = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"--ab: {spec!r} is not LABEL=FILE")
+        d = json.loads(Path(f).read_text())
+        variants.append({"label": label, "args": d["args"], "knobs": d["knobs"],
+                         "runs": d["runs"]})
+    out = {"provenance": args.note, "variants": variants}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 
