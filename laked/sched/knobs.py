@@ -18,7 +18,7 @@ class Knobs:
     hold_us: float = 1500.0         # hold at most this long past a predicted LC arrival
     lead_us: float = 0.0            # expect LC this much before its predicted arrival
     park: bool = True               # a hold parks the atom on the GPU (park.py)
-    park_raw: bool = True           # ... behind raw-stream LC launches too (tenancy.py)
+    park_raw: bool = False          # ... behind raw-stream LC launches too (tenancy.py)
     depth: int = 4                  # BE atoms queued per tenant (gated: LC waits for one)
     quiet_s: float = 1.0            # an LC tenant this long without requests is idle
     slip: float = 1.1               # right-sizing: latency within slip x whole GPU
