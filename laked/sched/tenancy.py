@@ -14,13 +14,14 @@ through torch, so the arbiter cannot atomize that work; it can gate it:
   tenant's request counter on the GPU once its work ran, so a BE atom that
   will not fit before the next launch parks behind it (park.py) as it does
   behind a torch tenant's request, and BE starts the moment the kernel's
-  work ends.  On an H200 beside kernel INFER it gives BE more (0.94-0.95,
-  0.90-0.91, 0.84-0.85 of solo beside gemm/mem/train, against 0.91, 0.86-0.87,
-  0.75-0.77 holding on the host) but a worse INFER tail (p99 0.80-1.03 ms
-  against 0.69-0.79): a parked issuer keeps queueing, so its Python runs
-  around the predicted arrival and takes the GIL from the executor's
-  thread.  With two streams, marks can land out of order (a store, not a
-  max): a park may then wait for the following launch or its host release.
+  work ends.  On an H200 beside kernel INFER (three device calls) it gives
+  BE more (0.94-0.95, 0.90-0.91, 0.84-0.85 of solo beside gemm/mem/train,
+  against 0.91, 0.86-0.87, 0.75-0.77 holding on the host) but a worse
+  INFER tail (p99 0.80-1.06 ms against 0.66-0.91): a parked issuer keeps
+  queueing, so its Python runs around the predicted arrival and takes the
+  GIL from the executor's thread.  With two streams, marks can land out of
+  order (a store, not a max): a park may then wait for the following
+  launch or its host release.
 - **INFER batches** end as LC requests once their output is in the
   region (``request``), not once their launches are queued.
 - **BE tenant** (a user client that asked for BE): every launch first waits
