@@ -247,6 +247,11 @@ def trace_section(d: Any) -> list[str]:
     return out + [""]
 
 
+def _conv_batch(d: Any) -> int:
+    """Images per conv LC request (64 before sched_gpu.py had --conv-batch)."""
+    return d["args"].get("conv_batch", 64)
+
+
 def _iso_p99(d: Any) -> dict[str, float]:
     return {r["lc_work"]: r["lc"]["p99_ms"] for r in d["runs"] if r["config"] == "isolated-lc"}
 
@@ -271,6 +276,8 @@ def repeat_section(d: Any, main: Any, title: str) -> list[str]:
             continue
         w = r["lc_work"]
         m = lake_main.get((w, r["be_work"]))
+        if w == "conv" and _conv_batch(d) != _conv_batch(main or d):
+            m = None                # another conv workload: its isolated p99 is not ours
         low = min(iso[w], iso_main.get(w, iso[w]))
         out.append(f"| {w}+{r['be_work']} | {f(iso[w], 3)} | {f(r['lc']['p99_ms'], 3)} | "
                    f"{f(r['lc_p99_ratio'])}x | {f(r['be_ratio'])} | "
@@ -310,13 +317,21 @@ def main() -> int:
     sched = load("sched_gpu.json")
     lines += sched_section(sched)
     lines += repeat_section(load("sched_gpu_repeat.json"), sched, "Another run, same code")
-    lines += repeat_section(load("sched_gpu_previous.json"), sched, "The previous scheduler")
-    lines += ab_section(load("park_raw_ab.json"), "Parking behind kernel INFER (`park_raw`), A/B")
+    lines += repeat_section(load("sched_gpu_previous.json"), sched, "The previous table")
+    lines += ab_section(load("kinfer_child_ab.json"),
+                        "Kernel INFER: lake.ko's side out of laked's process, INFER ends once done, A/B")
+    lines += ab_section(load("park_raw_child_ab.json"),
+                        "Parking behind kernel INFER (`park_raw`), with the kernel side out of "
+                        "process, A/B")
+    lines += ab_section(load("steady_atoms_ab.json"),
+                        "Longer BE atoms while LC keeps its rhythm (tried, dropped)")
+    lines += ab_section(load("park_raw_ab.json"),
+                        "Parking behind kernel INFER (`park_raw`), kernel side in process, A/B")
     lines += ab_section(load("hold_wake_ab.json"),
                         "When a held issuer wakes beside kernel INFER, A/B")
     lines += ab_section(load("held_gil_ab.json"),
                         "Keeping the GIL on LC's issue path (branch exp/held-gil, not landed), A/B")
-    lines += repeat_section(load("sched_gpu_branch.json"), sched,
+    lines += repeat_section(load("sched_gpu_branch.json"), load("sched_gpu_previous.json"),
                             "Branch exp/held-gil: its full run (not landed)")
     lines += graph_section(load("graph_partition.json"))
     lines += trace_section(load("sched_gpu_trace.json"))
