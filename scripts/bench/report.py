@@ -319,7 +319,8 @@ def main() -> int:
     lines += repeat_section(load("sched_gpu_repeat.json"), sched, "Another run, same code")
     lines += repeat_section(load("sched_gpu_previous.json"), sched, "The previous table")
     lines += ab_section(load("kinfer_child_ab.json"),
-                        "Kernel INFER: lake.ko's side out of laked's process, INFER ends once done, A/B")
+                        "Kernel INFER: lake.ko's side out of laked's process, INFER ends once "
+                        "done, A/B")
     lines += ab_section(load("park_raw_child_ab.json"),
                         "Parking behind kernel INFER (`park_raw`), with the kernel side out of "
                         "process, A/B")
