@@ -17,6 +17,13 @@ BE (best-effort) steps:
 """
 from __future__ import annotations
 
+import mmap
+import os
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -68,13 +75,6 @@ class KernelInfer:
     partitionable = False
 
     def __init__(self, batch: int = 1024) -> None:
-        import mmap
-        import os
-        import socket
-        import subprocess
-        import sys
-        from pathlib import Path
-
         from laked.doorbell import EventfdDoorbell
         from laked.executor import choose_executor
         from laked.region import Region
@@ -112,7 +112,6 @@ class KernelInfer:
 
     def run(self) -> float:
         """One batch, as bound last; its round trip in seconds, as the kernel saw it."""
-        import struct
         return struct.unpack("d", self._ask(b"r", 8))[0]
 
     def runner(self, tenancy: Any) -> Callable[[], float]:
