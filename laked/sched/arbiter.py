@@ -5,7 +5,8 @@
   stream priority, or, once right-sized, on the smallest partition whose
   predicted latency is within ``slip`` of the whole GPU's.  BE tenants run
   on the whole GPU at the lowest priority, and on the complement of the
-  right-sized LC partitions while such LC work runs or is due.
+  right-sized LC partitions while such LC work runs or is due (with
+  ``be_sms``, on only that many SMs while any LC tenant is active).
 - **Gates and atoms.**  LC requests shut their tenant's gate on the GPU for
   exactly as long as their work runs (``gate.py``); every BE atom waits for
   the gates first, so LC waits for at most the BE atom already running.
@@ -191,7 +192,8 @@ class GpuArbiter(Arbiter):
             t.model = KernelModel(spec.name)
         else:
             full = self.full.torch_stream(self.prio_lo)
-            t.pacer = Pacer(self, t, lambda kind: full if kind == "full" else self._comp_stream())
+            t.pacer = Pacer(self, t, lambda kind: full if kind == "full" else
+                            self._cap_stream() if kind == "cap" else self._comp_stream())
         return t
 
     def remove_tenant(self, t: TenantState) -> None:
@@ -228,6 +230,13 @@ class GpuArbiter(Arbiter):
         lc_units = max((t.partition.units[1] for t in self.lc_tenants() if t.partition),
                        default=0)
         p = self.parts.get(min(lc_units, self.parts.n_units - 1), self.parts.n_units, True)
+        return p.torch_stream(self.prio_lo)
+
+    def _cap_stream(self) -> Any:
+        """BE's stream on the last ``be_sms`` SMs (at least one unit)."""
+        rest = self.parts.total_sms - self.parts.n_units * self.parts.unit
+        units = max(1, min(self.parts.n_units, (self.knobs.be_sms - rest) // self.parts.unit))
+        p = self.parts.get(self.parts.n_units - units, self.parts.n_units, True)
         return p.torch_stream(self.prio_lo)
 
     # -- LC ---------------------------------------------------------------------------
@@ -386,6 +395,10 @@ class GpuArbiter(Arbiter):
                 got = None if park is None else ("full", got[1])
             if got is not None:
                 kind, budget = got
+                if kind == "full" and v.recent and 0 < k.be_sms < self.parts.total_sms:
+                    # fewer SMs draw less power: the clock LC's requests find
+                    # stays higher (a GEMM loop on every SM runs it ~20 % down)
+                    kind = "cap"
                 slots = [s for t in ts if kind == "full" or t.partition is None
                          for s in t.gate_slots()]
                 return Plan(budget, kind, slots, park)

@@ -19,6 +19,7 @@ class Knobs:
     lead_us: float = 0.0            # expect LC this much before its predicted arrival
     park: bool = True               # a hold parks the atom on the GPU (park.py)
     park_raw: bool = False          # ... behind raw-stream LC launches too (tenancy.py)
+    be_sms: int = 0                 # BE's SMs while LC tenants are active (0: all of them)
     depth: int = 4                  # BE atoms queued per tenant (gated: LC waits for one)
     quiet_s: float = 1.0            # an LC tenant this long without requests is idle
     slip: float = 1.1               # right-sizing: latency within slip x whole GPU

@@ -89,7 +89,9 @@ class Pacer:
 
     def run_split(self, plan: Split) -> None:
         with self.lock:
-            per_row = self.rates.get(plan.key, plan.est_row_s)
+            # rows cost more on fewer SMs (be_sms): rates are learned per kind
+            per_row = self.rates.get((self.kind, plan.key)) or self.rates.get(
+                ("full", plan.key), plan.est_row_s)
             i = 0
             while i < plan.rows:
                 self._boundary()
@@ -102,7 +104,7 @@ class Pacer:
                         n = left
                 start = self.tev.record(raw_stream(self.dev))
                 plan.piece(i, i + n)
-                self._timing = (start, plan.key, n)
+                self._timing = (start, (self.kind, plan.key), n)
                 self._est = n * per_row
                 if plan.key[0] == "pw":
                     self.memory_s += self._est
@@ -159,7 +161,7 @@ class Pacer:
                 start, key, rows = a.timing
                 spent = self.tev.elapsed_s(start, a.end)
                 undisturbed = (a.lc_seq == self.arb.lc_seq and not self.arb.lc_active
-                               and a.kind == "full")
+                               and a.kind != "comp")
                 if undisturbed and rows and spent > 0:
                     r = spent / rows
                     old = self.rates.get(key)

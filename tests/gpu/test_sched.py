@@ -551,6 +551,45 @@ def test_training_step_under_the_atomizer_matches(arb) -> None:  # type: ignore[
         arb.remove_tenant(be)
 
 
+def _due_in(arb, lc, s: float) -> None:  # type: ignore[no-untyped-def]
+    """Make LC tenant ``lc`` look as if its next request were ``s`` seconds away."""
+    now = time.perf_counter()
+    lc.last_start, lc.gap, lc.due = now - 1e-3, 5e-3, now + s
+    arb.last_lc = now
+
+
+def test_be_sms_keeps_be_on_its_partition_while_lc_is_active(arb) -> None:  # type: ignore[no-untyped-def]
+    from laked.sched.fast import raw_stream
+    from laked.tenants import TenantSpec
+    arb.knobs.be_sms = 60
+    parts = arb.parts
+    lc = arb.add_tenant(TenantSpec("t-cap-lc", "LC", 0, kind="model"))
+    be = arb.add_tenant(TenantSpec("t-cap-be", "BE", 0, kind="job"))
+    x = torch.randn(1 << 25, device="cuda")      # ~50 us: an atom of its own
+    try:
+        seen = []
+        for due_s in (0.05, None):       # LC active, then idle
+            if due_s is None:
+                arb.last_lc = lc.last_start = lc.last_end = lc.due = 0.0
+            else:
+                _due_in(arb, lc, due_s)
+            with arb.be(be):
+                y = x * 2.0              # an atom boundary: the pacer picks the stream
+                seen.append(raw_stream())
+            torch.cuda.synchronize()
+            assert torch.equal(y, x * 2.0)
+        cap = next(p for p in parts._cache.values() if p.sms <= 60 and p.units[1] ==
+                   parts.n_units and p.streams.get(arb.prio_lo) is not None
+                   and int(p.streams[arb.prio_lo]) == seen[0])
+        assert 52 < cap.sms <= 60 and cap.units[0] > 0
+        assert seen[1] == int(arb.full.stream(arb.prio_lo))
+        assert len(smids(parts, cap)) <= cap.sms < len(smids(parts, arb.full))
+    finally:
+        arb.knobs.be_sms = 0
+        arb.remove_tenant(lc)
+        arb.remove_tenant(be)
+
+
 def test_lc_tenant_is_right_sized_and_predicted(arb) -> None:  # type: ignore[no-untyped-def]
     from laked.tenants import TenantSpec
     lc = arb.add_tenant(TenantSpec("t-rs", "LC", 48, kind="model"))
