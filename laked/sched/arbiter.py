@@ -234,10 +234,7 @@ class GpuArbiter(Arbiter):
 
     def _cap_stream(self) -> Any:
         """BE's stream on the last ``be_sms`` SMs (at least one unit)."""
-        rest = self.parts.total_sms - self.parts.n_units * self.parts.unit
-        units = max(1, min(self.parts.n_units, (self.knobs.be_sms - rest) // self.parts.unit))
-        p = self.parts.get(self.parts.n_units - units, self.parts.n_units, True)
-        return p.torch_stream(self.prio_lo)
+        return self.parts.tail(self.knobs.be_sms).torch_stream(self.prio_lo)
 
     # -- LC ---------------------------------------------------------------------------
     def _arrive(self, t: GpuTenant, now: float) -> None:

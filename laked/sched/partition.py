@@ -102,6 +102,12 @@ class Partitions:
     def full(self) -> Partition:
         return self.get(0, self.n_units, True)
 
+    def tail(self, sms: int) -> Partition:
+        """The last units and the leftover SMs: at most ``sms`` SMs, at least one unit."""
+        rest = self.total_sms - self.n_units * self.unit
+        units = max(1, min(self.n_units, (sms - rest) // self.unit))
+        return self.get(self.n_units - units, self.n_units, True)
+
     def _make(self, first: int, end: int, with_rest: bool) -> Partition:
         cu = self.cu
         res = self.units[first:end] + ([self.rest] if with_rest and

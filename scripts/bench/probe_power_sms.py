@@ -107,7 +107,6 @@ def main() -> None:
     be = W.BE["gemm"]()
     lc = W.LC["gemm"]()
     lc.capture(hi)
-    rest = parts.total_sms - parts.n_units * parts.unit
     rows = []
     for units in (parts.n_units, parts.n_units - 1, parts.n_units - 2, parts.n_units - 4):
         p = parts.get(parts.n_units - units, parts.n_units, True)
@@ -117,7 +116,7 @@ def main() -> None:
         s.synchronize()
         r = run(be, s, seconds, h)
         r["lc_after_ms"] = lc_after(lc, be, s, hi, 0.0, h)[0]
-        r["sms"] = units * parts.unit + rest
+        r["sms"] = p.sms
         rows.append(r)
         print(json.dumps(r), flush=True)
     base = rows[0]["steps_per_s"]
