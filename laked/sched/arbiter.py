@@ -55,6 +55,7 @@ from . import power
 from .atoms import RowOp
 from .base import Arbiter, Tenancy, TenantState
 from .gate import Gates
+from .governor import Governor, target_mhz
 from .knobs import Knobs
 from .opmode import AtomizeMode, Split
 from .fast import Events, ensure_ctx, ensure_thread, set_primary, using
@@ -126,6 +127,7 @@ class GpuArbiter(Arbiter):
         self.prio_lo, self.prio_hi = int(lo), int(hi)
         self.gates = Gates(self.knobs.gate_timeout_ms / 1e3)
         self.parks = Parks()
+        self.cap_raw, self.cap_sms = 0, 0         # BE's be_sms partition: stream, SMs
         self.lc_seq = 0                           # bumped by every LC request start
         self.lc_active = 0
         self.last_lc = 0.0                        # host time the last LC request ended
@@ -146,6 +148,10 @@ class GpuArbiter(Arbiter):
         self._energy = threading.Thread(target=self._sample_energy, name="laked-energy",
                                         daemon=True)
         self._energy.start()
+        self.gov = Governor(self.knobs.be_duty, target_mhz(self._clocks, self.knobs.clock_slip))
+        self._clock = threading.Thread(target=self._govern, name="laked-clock", daemon=True)
+        if self.gov.target_mhz and self.nvml is not None:
+            self._clock.start()
         self._reserve()
         self._warm_up()
         log.info("GPU arbiter: %d SMs in %d units of %d; knobs %s", self.parts.total_sms,
@@ -234,7 +240,9 @@ class GpuArbiter(Arbiter):
 
     def _cap_stream(self) -> Any:
         """BE's stream on the last ``be_sms`` SMs (at least one unit)."""
-        return self.parts.tail(self.knobs.be_sms).torch_stream(self.prio_lo)
+        p = self.parts.tail(self.knobs.be_sms)
+        self.cap_raw, self.cap_sms = int(p.stream(self.prio_lo)), p.sms
+        return p.torch_stream(self.prio_lo)
 
     # -- LC ---------------------------------------------------------------------------
     def _arrive(self, t: GpuTenant, now: float) -> None:
@@ -398,7 +406,7 @@ class GpuArbiter(Arbiter):
                     kind = "cap"
                 slots = [s for t in ts if kind == "full" or t.partition is None
                          for s in t.gate_slots()]
-                return Plan(budget, kind, slots, park)
+                return Plan(budget, kind, slots, park, v.recent)
             # LC runs or is due: sleep until a request ends, or until the
             # prediction is hold_us overdue (then decide() lets BE go)
             wait = HOLD_POLL_S if v.run_full else v.until_s + k.hold_us / 1e6
@@ -464,17 +472,23 @@ class GpuArbiter(Arbiter):
                 worst = max(worst, p.inflight[0].est_s)
         return int(worst * 1e6)
 
+    def _readings(self, read: Callable[[], int], interval: str) -> Iterator[int]:
+        """``read()`` every knob ``interval`` seconds until close; a failed read
+        (NVML can fail transiently) is skipped."""
+        while not self._energy_stop.wait(getattr(self.knobs, interval)):
+            try:
+                value = read()
+            except Exception as e:  # noqa: BLE001 - logged, and the next read tried
+                log.debug("NVML read (%s) failed: %s", read.__name__, e)
+                continue
+            yield value
+
     def _sample_energy(self) -> None:
         if self.nvml is None:
             return
         last = self.nvml.energy_mj()
         busy: dict[str, float] = {}
-        while not self._energy_stop.wait(self.knobs.energy_interval_s):
-            try:
-                now = self.nvml.energy_mj()
-            except Exception as e:  # noqa: BLE001 - a read can fail transiently
-                log.debug("NVML energy read failed: %s", e)
-                continue
+        for now in self._readings(self.nvml.energy_mj, "energy_interval_s"):
             de, last = (now - last) / 1e3, now
             with self._tlock:
                 ts = list(self.tenants.values())
@@ -486,6 +500,17 @@ class GpuArbiter(Arbiter):
                 continue
             for t in ts:
                 t.energy_j += de * max(0.0, deltas[t.name]) / total
+
+    def _govern(self) -> None:
+        """BE's duty from the SM clock, every ``clock_interval_s`` (governor.py)."""
+        assert self.nvml is not None
+        for mhz in self._readings(self.nvml.clocks_mhz, "clock_interval_s"):
+            recent = bool(self.lc_active) or (time.perf_counter() - self.last_lc
+                                              < self.knobs.quiet_s)
+            # knobs set at run time take effect at the next reading
+            self.gov.floor = self.knobs.be_duty
+            self.gov.target_mhz = target_mhz(self._clocks, self.knobs.clock_slip)
+            self.gov.step(recent, mhz)
 
     def power_advice(self) -> dict[str, Any]:
         """Advise-only DVFS from the tenants' busy time and sensitivities."""
@@ -518,6 +543,8 @@ class GpuArbiter(Arbiter):
             "parks": self.parks.stats(),
             "queue_delay_us": self.queue_delay_us(),
             "idle_energy_j": round(self.idle_energy_j, 3),
+            "be_duty": {"now": round(self.gov.duty, 3), "sm_mhz": self.gov.mhz,
+                        "target_mhz": round(self.gov.target_mhz)},
             "rightsizing": [t.model.summary() | {"sms": t.sms}
                             for t in self.lc_tenants() if t.model is not None],
             "power": self.power_advice(),
@@ -529,6 +556,8 @@ class GpuArbiter(Arbiter):
             self.remove_tenant(t)
         self._energy_stop.set()
         self._energy.join(2)
+        if self._clock.is_alive():
+            self._clock.join(2)
         torch.cuda.synchronize()
         self.parks.close()
         self.gates.close_all()

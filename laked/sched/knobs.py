@@ -20,6 +20,9 @@ class Knobs:
     park: bool = True               # a hold parks the atom on the GPU (park.py)
     park_raw: bool = False          # ... behind raw-stream LC launches too (tenancy.py)
     be_sms: int = 0                 # BE's SMs while LC tenants are active (0: all of them)
+    be_duty: float = 0.85           # BE's least share of GPU time while LC is active (1: all)
+    clock_slip: float = 0.15        # ... governed to keep the SM clock >= f_max / (1 + this)
+    clock_interval_s: float = 0.05  # how often the governor reads the SM clock
     depth: int = 4                  # BE atoms queued per tenant (gated: LC waits for one)
     quiet_s: float = 1.0            # an LC tenant this long without requests is idle
     slip: float = 1.1               # right-sizing: latency within slip x whole GPU
@@ -48,6 +51,10 @@ class Knobs:
             setattr(k, name, want(value))
         if k.depth < 1:
             raise ValueError("scheduler knob depth: at least 1")
+        if not 0.05 <= k.be_duty <= 1.0:
+            raise ValueError("scheduler knob be_duty: between 0.05 and 1")
+        if k.clock_interval_s < 0.005:
+            raise ValueError("scheduler knob clock_interval_s: at least 0.005")
         if k.slip < 1.0:
             raise ValueError("scheduler knob slip: at least 1.0")
         return k

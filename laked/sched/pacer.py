@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from .blas import set_sm_target
 from .fast import Events, raw_stream
 from .opmode import Split
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from .arbiter import GpuArbiter, GpuTenant
 
 SMALL_S = 20e-6      # ops estimated below this run without an atom boundary
+SLEEP_HZ = 1.6e9     # SM clock for a gap before the governor's first reading
 
 
 @dataclass
@@ -37,6 +39,7 @@ class _Atom:
     timing: tuple[Any, Any, int] | None     # (start event, cost key, rows)
     lc_seq: int
     kind: str
+    gap_s: float = 0.0           # be_duty's idle time queued after it
 
 
 class Pacer:
@@ -60,6 +63,8 @@ class Pacer:
         self._budget = 0.0
         self._timing: tuple[Any, Any, int] | None = None
         self._seq = 0
+        self._recent = False                     # the open atom runs beside active LC
+        self.gap_s = 0.0                         # GPU time BE left idle (be_duty)
         self.compute_s = 0.0                     # estimated time in FLOP-bound ops
         self.memory_s = 0.0                      # ... and in byte-bound ops
         self.wait_depth_s = 0.0                  # issuer time spent waiting for room
@@ -130,6 +135,10 @@ class Pacer:
                 # atom waits for every LC tenant wherever it runs
                 slots = self.arb.lc_slots()
         stream = raw_stream(self.dev)
+        if self.arb.knobs.be_sms:
+            # cuBLAS plans for every SM unless told: on be_sms's partition
+            # its persistent GEMMs would run in two waves
+            set_sm_target(self.arb.cap_sms if stream == self.arb.cap_raw else 0)
         if plan.park is not None:
             slot, want, deadline = plan.park
             if self.arb.parks.park(stream, slot, want, deadline):
@@ -138,19 +147,32 @@ class Pacer:
         self._open = True
         self._est = 0.0
         self._budget = plan.budget_s
+        self._recent = plan.recent
         self._seq = self.arb.lc_seq
         self.t.atoms += 1
 
     def _close(self) -> None:
         stream = raw_stream(self.dev)
+        gap = 0.0
+        duty = self.arb.gov.duty
+        if self._recent and duty < 1.0 and self._est > 0:
+            # the GPU's power limit sets its clock: BE idle for a share of
+            # the time leaves LC's requests a higher clock.  One thread
+            # spins on BE's stream, so LC loses no SMs to the gap; the end
+            # event comes after it, so the room BE plans with counts it.
+            gap = self._est * (1.0 / duty - 1.0)
+            # the spin kernel counts SM cycles: at the clock last read
+            torch.cuda._sleep(int(gap * (self.arb.gov.mhz * 1e6 or SLEEP_HZ)))
+            self.gap_s += gap
         end = (self.tev if self._timing is not None else self.ev).record(stream)
-        self.inflight.append(_Atom(end, self._est, self._timing, self._seq, self.kind))
+        self.inflight.append(_Atom(end, self._est, self._timing, self._seq, self.kind, gap))
         self._timing = None
         self._open = False
 
     def queued_s(self) -> float:
-        """Estimated GPU time of the atoms not yet finished."""
-        return sum(a.est_s for a in self.inflight) + (self._est if self._open else 0.0)
+        """Estimated GPU time of the atoms not yet finished (and their gaps)."""
+        return (sum(a.est_s + a.gap_s for a in self.inflight) +
+                (self._est if self._open else 0.0))
 
     def reap(self) -> None:
         """Retire finished atoms; learn from the ones that ran undisturbed."""
@@ -159,9 +181,9 @@ class Pacer:
             spent = a.est_s
             if a.timing is not None:
                 start, key, rows = a.timing
-                spent = self.tev.elapsed_s(start, a.end)
+                spent = self.tev.elapsed_s(start, a.end) - a.gap_s
                 undisturbed = (a.lc_seq == self.arb.lc_seq and not self.arb.lc_active
-                               and a.kind != "comp")
+                               and a.kind != "comp" and not a.gap_s)
                 if undisturbed and rows and spent > 0:
                     r = spent / rows
                     old = self.rates.get(key)

@@ -30,6 +30,7 @@ class Plan:
     kind: str                    # "full" or "comp" (the complement of right-sized LC)
     slots: list[int]             # gates to wait on before the atom
     park: tuple[int, int, float] | None = None  # (counter, request, deadline) to wait for
+    recent: bool = False         # an LC tenant is active (be_duty applies)
 
 
 @dataclass

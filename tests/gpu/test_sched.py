@@ -590,6 +590,57 @@ def test_be_sms_keeps_be_on_its_partition_while_lc_is_active(arb) -> None:  # ty
         arb.remove_tenant(be)
 
 
+def _be_matmuls(arb, be, lc, a, n: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds ``n`` BE matmuls take through the pacer, LC looking active."""
+    _due_in(arb, lc, 10.0)                   # active, but no request due soon
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with arb.be(be):
+        for _ in range(n):
+            y = a @ a
+    torch.cuda.synchronize()
+    assert torch.allclose(y.float(), (a @ a).float(), rtol=1e-2, atol=1e-1)
+    return time.perf_counter() - t0
+
+
+def _wait_duty(arb, be, lc, a, want: float) -> None:  # type: ignore[no-untyped-def]
+    """Until the governor has read the clock with the knobs as now set.  BE
+    keeps the GPU busy meanwhile: an idle H200 sits at its top clock, which
+    is no reason to take BE's share."""
+    deadline = time.monotonic() + 3.0
+    while arb.gov.duty != want and time.monotonic() < deadline:
+        _be_matmuls(arb, be, lc, a, 50)
+    assert arb.gov.duty == want, (arb.gov.duty, arb.gov.mhz, arb.gov.target_mhz)
+
+
+def test_be_duty_leaves_the_gpu_idle_while_the_clock_is_under_target(arb) -> None:  # type: ignore[no-untyped-def]
+    from laked.tenants import TenantSpec
+    if arb.nvml is None or not arb.gov.target_mhz:
+        pytest.skip("no NVML clocks: the governor has nothing to read")
+    lc = arb.add_tenant(TenantSpec("t-duty-lc", "LC", 0, kind="model"))
+    be = arb.add_tenant(TenantSpec("t-duty-be", "BE", 0, kind="job"))
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)    # ~0.1 ms each
+    was = arb.knobs.be_duty, arb.knobs.clock_slip
+    arb.knobs.be_duty = 1.0                  # first, BE's whole share
+    try:
+        _wait_duty(arb, be, lc, a, 1.0)
+        _be_matmuls(arb, be, lc, a, 50)      # warm: rates learned, atoms sized
+        whole = _be_matmuls(arb, be, lc, a, 400)
+        gap0 = be.pacer.gap_s
+        # clock_slip 0: the target is the top clock, never held under a GEMM
+        # loop, so the governor keeps BE at its floor
+        arb.knobs.be_duty, arb.knobs.clock_slip = 0.5, 0.0
+        _wait_duty(arb, be, lc, a, 0.5)
+        half = _be_matmuls(arb, be, lc, a, 400)
+        assert be.pacer.gap_s - gap0 > 0.2 * whole
+        assert half > 1.4 * whole, (half, whole)
+        assert arb.status()["be_duty"]["now"] == 0.5
+    finally:
+        arb.knobs.be_duty, arb.knobs.clock_slip = was
+        arb.remove_tenant(lc)
+        arb.remove_tenant(be)
+
+
 def test_lc_tenant_is_right_sized_and_predicted(arb) -> None:  # type: ignore[no-untyped-def]
     from laked.tenants import TenantSpec
     lc = arb.add_tenant(TenantSpec("t-rs", "LC", 48, kind="model"))

@@ -133,6 +133,44 @@ def test_arrival_prediction_keeps_the_rhythm_through_one_late_start() -> None:
 
 
 # -- the op atomizer's splitters and the knobs (CPU tensors; the mode itself is GPU-only) --
+def test_governor_trades_be_share_for_clock_only_while_lc_is_active() -> None:
+    from laked.sched.governor import DOWN, UP, Governor, target_mhz
+    assert target_mhz([1980, 1500, 345], 0.1) == pytest.approx(1800.0)
+    assert target_mhz([], 0.1) == 0.0
+    g = Governor(floor=0.8, target_mhz=1800.0)
+    assert g.step(True, 1450) == pytest.approx(1.0 - DOWN)     # under target: less BE
+    for _ in range(10):
+        g.step(True, 1450)
+    assert g.duty == 0.8                                       # never under the floor
+    assert g.step(True, 1810) == 0.8                           # within hysteresis: stays
+    assert g.step(True, 1900) == pytest.approx(0.8 + UP)       # above: BE wins it back
+    for _ in range(20):
+        g.step(True, 1980)
+    assert g.duty == 1.0
+    assert g.step(False, 1980) == 0.8 and g.mhz == 1980        # LC idle: next burst protected
+    off = Governor(floor=1.0, target_mhz=1800.0)
+    assert not off.active and off.step(True, 1000) == 1.0      # be_duty 1: governor off
+    assert Governor(floor=0.5, target_mhz=0.0).step(True, 1000) == 1.0   # no clocks known
+
+
+def test_nvml_readings_skip_a_failed_read_and_end_at_close() -> None:
+    import threading
+    pytest.importorskip("torch")
+    from laked.sched.arbiter import GpuArbiter
+    stop = threading.Event()
+    vals = iter([1, RuntimeError("transient"), 3])
+
+    def read() -> int:
+        v = next(vals)
+        if isinstance(v, Exception):
+            raise v
+        if v == 3:
+            stop.set()              # close() while the governor reads
+        return v
+    fake = types.SimpleNamespace(_energy_stop=stop, knobs=types.SimpleNamespace(every=0.001))
+    assert list(GpuArbiter._readings(fake, read, "every")) == [1, 3]
+
+
 torch = pytest.importorskip("torch", reason="the op atomizer needs torch")
 
 
@@ -217,7 +255,9 @@ def test_scheduler_knobs_are_checked_by_name_type_and_range() -> None:
                      ({"atom_us": -1}, "expected a number >= 0"),
                      ({"rightsize": 1}, "expected true/false"),
                      ({"depth": 0}, "depth: at least 1"),
-                     ({"slip": 0.9}, "slip: at least 1.0")):
+                     ({"slip": 0.9}, "slip: at least 1.0"),
+                     ({"be_duty": 1.5}, "be_duty: between 0.05 and 1"),
+                     ({"be_duty": 0.0}, "be_duty: between 0.05 and 1")):
         with pytest.raises(ValueError, match=msg):
             Knobs.from_dict(bad)
 
