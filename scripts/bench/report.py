@@ -286,22 +286,85 @@ def repeat_section(d: Any, main: Any, title: str) -> list[str]:
 
 
 def ab_section(d: Any, title: str) -> list[str]:
-    """An A/B of scheduler variants, each against its own isolated run."""
+    """An A/B of scheduler variants, each against its own isolated run (with
+    the SM clock of traced runs and be_duty's idle gaps where any run has them)."""
     if not d:
         return []
-    out = [f"### {title}", "", d["provenance"], "",
-           "| variant | isolated p50 / p99 (ms) | LC+BE | LC p50 / p99 (ms) | BE / solo | "
-           "BE hold (s) | parked |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lake = [r for v in d["variants"] for r in v["runs"] if r["config"] == "lake"]
+    mhz = any("trace" in r for r in lake)
+    gap = any(r.get("be_pacer", {}).get("gap_s") for r in lake)
+    head = ["variant", "isolated p50 / p99 (ms)", "LC+BE", "LC p50 / p99 (ms)",
+            "p99 / isolated", "BE / solo", "BE hold (s)", "parked"]
+    head += ["SM MHz at LC (traced)"] * mhz + ["BE idle gaps (s)"] * gap
+    out = [f"### {title}", "", d["provenance"], "", "| " + " | ".join(head) + " |",
+           "|" + " --- |" * len(head)]
     for v in d["variants"]:
         iso = {r["lc_work"]: r["lc"] for r in v["runs"] if r["config"] == "isolated-lc"}
         for r in v["runs"]:
             if r["config"] != "lake":
                 continue
             p, i = r.get("be_pacer", {}), iso[r["lc_work"]]
-            out.append(f"| {v['label']} | {f(i['p50_ms'], 3)} / {f(i['p99_ms'], 3)} | "
-                       f"{r['lc_work']}+{r['be_work']} | {f(r['lc']['p50_ms'], 3)} / "
-                       f"{f(r['lc']['p99_ms'], 3)} | {f(r['be_ratio'])} | "
-                       f"{f(p.get('hold_s'))} | {p.get('parked', '-')} |")
+            cells = [v["label"], f"{f(i['p50_ms'], 3)} / {f(i['p99_ms'], 3)}",
+                     f"{r['lc_work']}+{r['be_work']}",
+                     f"{f(r['lc']['p50_ms'], 3)} / {f(r['lc']['p99_ms'], 3)}",
+                     f"{f(r['lc']['p99_ms'] / i['p99_ms'])}x", f(r["be_ratio"]),
+                     f(p.get("hold_s")), str(p.get("parked", "-"))]
+            if mhz:
+                t = r.get("trace", {}).get("middle_50pct", {})
+                cells.append(f"{t['sm_mhz']:.0f}" if t else "-")
+            if gap:
+                cells.append(f(p.get("gap_s")))
+            out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def duty_section(d: Any, main: Any) -> list[str]:
+    """The lake rows at the current defaults beside the main table's (be_duty 1)."""
+    if not d:
+        return []
+    old = {(r["lc_work"], r["be_work"]): r for r in (main or {}).get("runs", [])
+           if r["config"] == "lake"}
+    iso = _iso_p99(d)
+    out = ["### lake at the current defaults (`be_duty` 0.85 under the clock governor)", "",
+           f"The lake rows of {d.get('provenance', 'another run.')} Knobs: laked's defaults "
+           f"(`be_duty` {d['knobs']['be_duty']}, `clock_slip` {d['knobs']['clock_slip']}). "
+           "Last columns: the main table's lake row (the previous default, `be_duty` 1), "
+           "and the time BE's atoms left the GPU idle.", "",
+           "| LC+BE | isolated p99 (ms) | LC p50 / p99 (ms) | p99 / isolated | BE / solo | "
+           "target | main table: p99 / isolated, BE | BE idle gaps (s) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    met = 0
+    for r in d["runs"]:
+        if r["config"] != "lake":
+            continue
+        ok = r["lc_p99_ratio"] <= 1.25 and r["be_ratio"] >= 0.8
+        met += ok
+        o = old.get((r["lc_work"], r["be_work"]))
+        prev = f"{f(o['lc_p99_ratio'])}x, {f(o['be_ratio'])}" if o else "-"
+        out.append(f"| {r['lc_work']}+{r['be_work']} | {f(iso[r['lc_work']], 3)} | "
+                   f"{f(r['lc']['p50_ms'], 3)} / {f(r['lc']['p99_ms'], 3)} | "
+                   f"{f(r['lc_p99_ratio'])}x | {f(r['be_ratio'])} | "
+                   f"{'**met**' if ok else 'missed'} | {prev} | "
+                   f"{f(r.get('be_pacer', {}).get('gap_s'))} |")
+    n = sum(1 for r in d["runs"] if r["config"] == "lake")
+    return out + ["", f"Target met on {met} of {n} pairs in this run.", ""]
+
+
+def sm_target_section(d: Any) -> list[str]:
+    """probe_sm_target.py: GEMM pieces on a partition, with and without
+    cuBLAS's SM count target."""
+    if not d:
+        return []
+    out = ["### GEMM pieces on fewer SMs, and cuBLAS's SM count target", "",
+           d["provenance"], "",
+           "Time on the partition over time on all SMs (one wave would be "
+           "132 / SMs: 1.06 for 124, 1.32 for 100):", "",
+           "| M | SMs | mm on all SMs (ms) | mm | mm, target set | addmm | addmm, target set |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        out.append(f"| {r['m']} | {r['sms']} | {f(r['mm_all_ms'], 3)} | "
+                   f"{f(r['mm_part_ratio'])} | {f(r['mm_part_target_ratio'])} | "
+                   f"{f(r['addmm_part_ratio'])} | {f(r['addmm_part_target_ratio'])} |")
     return out + [""]
 
 
@@ -334,10 +397,16 @@ def main() -> int:
     lines += crossover(feat, gpu)
     sched = load("sched_gpu.json")
     lines += sched_section(sched)
+    lines += duty_section(load("sched_gpu_duty.json"), sched)
+    lines += ab_section(load("be_duty_ab.json"),
+                        "BE's duty while LC is active (`be_duty`), fixed and governed, A/B")
     lines += repeat_section(load("sched_gpu_repeat.json"), sched, "Another run, same code")
     lines += repeat_section(load("sched_gpu_previous.json"), sched, "The previous table")
     lines += ab_section(load("be_sms_ab.json"),
                         "BE on fewer SMs while LC is active (`be_sms`, off by default), A/B")
+    lines += ab_section(load("be_sms_target_ab.json"),
+                        "`be_sms` with cuBLAS's SM count target, A/B")
+    lines += sm_target_section(load("sm_target.json"))
     lines += power_section(load("power_sms.json"))
     lines += ab_section(load("room_split_ab.json"),
                         "Cutting an op to fill the room before LC's next request "
