@@ -335,6 +335,10 @@ def _print_arbiter(arb: dict[str, Any] | None, clients: list[dict[str, Any]]) ->
         click.echo(f"  power (advice only): {adv['advised_mhz']} MHz of {adv['f_max_mhz']} "
                    f"for <= {adv['predicted_slowdown']:.1%} slowdown, about "
                    f"{adv['predicted_energy_saving']:.0%} less energy")
+    duty = arb.get("be_duty")
+    if duty and duty.get("target_mhz"):
+        click.echo(f"  BE duty beside LC: {duty['now']:.2f} (SM clock {duty['sm_mhz']:.0f} MHz, "
+                   f"the governor's target {duty['target_mhz']} MHz)")
     for c in clients:
         click.echo(f"  client {c['tenant']} (pid {c['pid']}, uid {c['uid']}): "
                    f"{c.get('device_bytes', 0) >> 20} MiB on the device")

@@ -100,3 +100,14 @@ def test_status_and_top_show_each_tenant(daemon: Path) -> None:
     assert row["class"] == "LC" and row["p50_ms"] is not None
     human = laked_cli(daemon, "top", "--count", "1", "--interval", "0.2").stdout
     assert "TENANT" in human and "model:dbl" in human
+
+
+def test_status_shows_the_governors_be_duty(capsys: pytest.CaptureFixture[str]) -> None:
+    from laked.cli import _print_arbiter
+    arb = {"device": "NVIDIA H200", "total_sms": 132, "tenants": [],
+           "be_duty": {"now": 0.85, "sm_mhz": 1710.0, "target_mhz": 1722}}
+    _print_arbiter(arb, [])
+    out = capsys.readouterr().out
+    assert "BE duty beside LC: 0.85 (SM clock 1710 MHz, the governor's target 1722 MHz)" in out
+    _print_arbiter(dict(arb, be_duty={"now": 1.0, "sm_mhz": 0.0, "target_mhz": 0}), [])
+    assert "BE duty" not in capsys.readouterr().out      # no NVML clocks: no governor
