@@ -53,6 +53,7 @@ import torch
 from ..tenants import LC, TenantSpec
 from . import power
 from .atoms import RowOp
+from .blas import set_sm_target, sm_target_set
 from .base import Arbiter, Tenancy, TenantState
 from .gate import Gates
 from .governor import Governor, target_mhz
@@ -439,6 +440,8 @@ class GpuArbiter(Arbiter):
                 yield
         finally:
             p.drain()           # busy time was counted atom by atom
+            if sm_target_set():
+                set_sm_target(0)    # this thread's other GEMMs plan for every SM
 
     def run_be(self, t: TenantState, ops: Iterator[RowOp], stop: threading.Event) -> None:
         """Issue row ops (laked.sched.atoms) atom by atom until ``ops`` ends or ``stop``."""

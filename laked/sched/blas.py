@@ -63,3 +63,10 @@ def set_sm_target(sms: int) -> bool:
         return False
     _tls.state = (handle, sms)
     return True
+
+
+def sm_target_set() -> bool:
+    """This thread's cuBLAS handle plans for fewer SMs than the device's
+    (be_sms turned off at run time leaves it so until it is set back)."""
+    state = getattr(_tls, "state", None)
+    return state is not None and state[1] != 0

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .blas import set_sm_target
+from .blas import set_sm_target, sm_target_set
 from .fast import Events, raw_stream
 from .opmode import Split
 
@@ -135,10 +135,11 @@ class Pacer:
                 # atom waits for every LC tenant wherever it runs
                 slots = self.arb.lc_slots()
         stream = raw_stream(self.dev)
-        if self.arb.knobs.be_sms:
+        if self.arb.knobs.be_sms or sm_target_set():
             # cuBLAS plans for every SM unless told: on be_sms's partition
             # its persistent GEMMs would run in two waves
-            set_sm_target(self.arb.cap_sms if stream == self.arb.cap_raw else 0)
+            cap = bool(self.arb.knobs.be_sms) and stream == self.arb.cap_raw
+            set_sm_target(self.arb.cap_sms if cap else 0)
         if plan.park is not None:
             slot, want, deadline = plan.park
             if self.arb.parks.park(stream, slot, want, deadline):

@@ -171,6 +171,24 @@ def test_nvml_readings_skip_a_failed_read_and_end_at_close() -> None:
     assert list(GpuArbiter._readings(fake, read, "every")) == [1, 3]
 
 
+def test_sm_target_state_is_per_thread() -> None:
+    import threading
+    from laked.sched import blas
+    assert not blas.sm_target_set()
+    blas._tls.state = (1234, 60)             # as set_sm_target(60) leaves it
+    try:
+        assert blas.sm_target_set()
+        seen: list[bool] = []
+        th = threading.Thread(target=lambda: seen.append(blas.sm_target_set()))
+        th.start()
+        th.join()
+        assert seen == [False]               # another thread's handle is its own
+        blas._tls.state = (1234, 0)
+        assert not blas.sm_target_set()
+    finally:
+        del blas._tls.state
+
+
 torch = pytest.importorskip("torch", reason="the op atomizer needs torch")
 
 
