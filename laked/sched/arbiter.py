@@ -128,7 +128,6 @@ class GpuArbiter(Arbiter):
         self.prio_lo, self.prio_hi = int(lo), int(hi)
         self.gates = Gates(self.knobs.gate_timeout_ms / 1e3)
         self.parks = Parks()
-        self.cap_raw, self.cap_sms = 0, 0         # BE's be_sms partition: stream, SMs
         self.lc_seq = 0                           # bumped by every LC request start
         self.lc_active = 0
         self.last_lc = 0.0                        # host time the last LC request ended
@@ -239,11 +238,12 @@ class GpuArbiter(Arbiter):
         p = self.parts.get(min(lc_units, self.parts.n_units - 1), self.parts.n_units, True)
         return p.torch_stream(self.prio_lo)
 
+    def cap_partition(self) -> Partition:
+        """BE's partition while LC is active: the last ``be_sms`` SMs (at least one unit)."""
+        return self.parts.tail(self.knobs.be_sms)
+
     def _cap_stream(self) -> Any:
-        """BE's stream on the last ``be_sms`` SMs (at least one unit)."""
-        p = self.parts.tail(self.knobs.be_sms)
-        self.cap_raw, self.cap_sms = int(p.stream(self.prio_lo)), p.sms
-        return p.torch_stream(self.prio_lo)
+        return self.cap_partition().torch_stream(self.prio_lo)
 
     # -- LC ---------------------------------------------------------------------------
     def _arrive(self, t: GpuTenant, now: float) -> None:
@@ -372,12 +372,14 @@ class GpuArbiter(Arbiter):
                     v.until_s, v.until_part, v.until_i = until, t.partition is not None, i
         return v
 
+    def lc_recent(self) -> bool:
+        """An LC request runs, or one ended within ``quiet_s`` (no waiting)."""
+        return bool(self.lc_active) or (time.perf_counter() - self.last_lc < self.knobs.quiet_s
+                                        and bool(self.lc_tenants()))
+
     def budget_hint(self) -> float:
         """Cheap guess of the next atom budget (no waiting, no holds)."""
-        if self.lc_active or (time.perf_counter() - self.last_lc < self.knobs.quiet_s
-                               and self.lc_tenants()):
-            return self.knobs.atom_us / 1e6
-        return self.knobs.idle_atom_us / 1e6
+        return (self.knobs.atom_us if self.lc_recent() else self.knobs.idle_atom_us) / 1e6
 
     def be_plan(self, p: Pacer, need_s: float = 0.0) -> Plan:
         """The next atom's budget, stream and gates (waits for room, holds before
@@ -508,12 +510,10 @@ class GpuArbiter(Arbiter):
         """BE's duty from the SM clock, every ``clock_interval_s`` (governor.py)."""
         assert self.nvml is not None
         for mhz in self._readings(self.nvml.clocks_mhz, "clock_interval_s"):
-            recent = bool(self.lc_active) or (time.perf_counter() - self.last_lc
-                                              < self.knobs.quiet_s)
             # knobs set at run time take effect at the next reading
             self.gov.floor = self.knobs.be_duty
             self.gov.target_mhz = target_mhz(self._clocks, self.knobs.clock_slip)
-            self.gov.step(recent, mhz)
+            self.gov.step(self.lc_recent(), mhz)
 
     def power_advice(self) -> dict[str, Any]:
         """Advise-only DVFS from the tenants' busy time and sensitivities."""

@@ -10,6 +10,7 @@ and device, so the target is set per thread, and only when it changes.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -18,19 +19,11 @@ from typing import Any
 log = logging.getLogger("laked.sched.blas")
 
 _tls = threading.local()
-_lock = threading.Lock()
-_fn: list[Any] = []          # [cublasSetSmCountTarget] once found, [None] if not there
 
 
+@functools.cache
 def _find() -> Any:
-    """cublasSetSmCountTarget from the libcublas torch already loaded."""
-    with _lock:
-        if not _fn:
-            _fn.append(_load())
-        return _fn[0]
-
-
-def _load() -> Any:
+    """cublasSetSmCountTarget from the libcublas torch already loaded (None: not there)."""
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "libcublas.so" in line}

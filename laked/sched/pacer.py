@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from .arbiter import GpuArbiter, GpuTenant
 
 SMALL_S = 20e-6      # ops estimated below this run without an atom boundary
-SLEEP_HZ = 1.6e9     # SM clock for a gap before the governor's first reading
 
 
 @dataclass
@@ -138,8 +137,12 @@ class Pacer:
         if self.arb.knobs.be_sms or sm_target_set():
             # cuBLAS plans for every SM unless told: on be_sms's partition
             # its persistent GEMMs would run in two waves
-            cap = bool(self.arb.knobs.be_sms) and stream == self.arb.cap_raw
-            set_sm_target(self.arb.cap_sms if cap else 0)
+            sms = 0
+            if self.arb.knobs.be_sms:
+                cap = self.arb.cap_partition()
+                if stream == int(cap.stream(self.arb.prio_lo)):
+                    sms = cap.sms
+            set_sm_target(sms)
         if plan.park is not None:
             slot, want, deadline = plan.park
             if self.arb.parks.park(stream, slot, want, deadline):
@@ -162,8 +165,9 @@ class Pacer:
             # spins on BE's stream, so LC loses no SMs to the gap; the end
             # event comes after it, so the room BE plans with counts it.
             gap = self._est * (1.0 / duty - 1.0)
-            # the spin kernel counts SM cycles: at the clock last read
-            torch.cuda._sleep(int(gap * (self.arb.gov.mhz * 1e6 or SLEEP_HZ)))
+            # the spin kernel counts SM cycles: at the clock last read (a
+            # duty under 1 comes from a reading, so there is one)
+            torch.cuda._sleep(int(gap * self.arb.gov.mhz * 1e6))
             self.gap_s += gap
         end = (self.tev if self._timing is not None else self.ev).record(stream)
         self.inflight.append(_Atom(end, self._est, self._timing, self._seq, self.kind, gap))
