@@ -131,6 +131,8 @@ class GpuArbiter(Arbiter):
         self.lc_seq = 0                           # bumped by every LC request start
         self.lc_active = 0
         self.last_lc = 0.0                        # host time the last LC request ended
+        # diagnostics (scripts/bench/timeline_be.py): every BE plan decision
+        self.plan_log: list[tuple[float, float, float, float, Any]] | None = None
         self._lock = threading.Lock()
         # BE issuers holding for LC sleep on this until a request ends (a
         # polling issuer would take the GIL from LC's threads every wake)
@@ -397,6 +399,8 @@ class GpuArbiter(Arbiter):
             ask = Ask(p.queued_s(), bool(p.inflight), need_s, self.lc_seq != seq0,
                       p.parked is not None)
             got = decide(v, ask, k)
+            if self.plan_log is not None:
+                self.plan_log.append((now, v.until_s, ask.queued_s, need_s, got))
             park = None
             if got is not None and got[0] == "park":
                 park = self._park_on(ts, v)

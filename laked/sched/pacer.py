@@ -68,6 +68,7 @@ class Pacer:
         self.memory_s = 0.0                      # ... and in byte-bound ops
         self.wait_depth_s = 0.0                  # issuer time spent waiting for room
         self.hold_s = 0.0                        # ... holding for a predicted LC
+        self.boundary_s = 0.0                    # ... at atom boundaries, waits included
         self.parked: tuple[int, int] | None = None   # (counter, request) an atom waits for
 
     # -- what the atomizers call ----------------------------------------------------
@@ -119,6 +120,7 @@ class Pacer:
 
     # -- atoms ------------------------------------------------------------------------
     def _boundary(self, need_s: float = 0.0) -> None:
+        t0 = time.perf_counter()
         if self._open:
             self._close()
         plan = self.arb.be_plan(self, need_s)
@@ -154,6 +156,7 @@ class Pacer:
         self._recent = plan.recent
         self._seq = self.arb.lc_seq
         self.t.atoms += 1
+        self.boundary_s += time.perf_counter() - t0
 
     def _close(self) -> None:
         stream = raw_stream(self.dev)

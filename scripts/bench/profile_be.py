@@ -56,6 +56,8 @@ def main() -> int:
           f"atoms/step {t.atoms / (args.steps + 10):.1f}")
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+    # the pacer's own functions by cumulative time: what an atom boundary costs
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats("laked/sched", args.top)
     print(out.getvalue())
     arb.remove_tenant(t)
     arb.close()

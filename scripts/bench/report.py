@@ -322,6 +322,58 @@ def ab_section(d: Any, title: str) -> list[str]:
     return out + [""]
 
 
+def _idle(tl: dict[str, Any], kind: str) -> str:
+    g = tl.get("idle_gaps_ms", {}).get(kind)
+    return f"{g['ms']:.0f} ({g['n']})" if g else "-"
+
+
+def timeline_section(d: Any) -> list[str]:
+    """Where BE's GPU time goes beside LC (timeline_be.py): busy share, idle
+    gaps by what ends them, and the pacer's boundary cost."""
+    if not d:
+        return []
+    head = ["run", "config", "BE steps/s", "SM MHz", "GPU busy", "idle before LC, ms (gaps)",
+            "idle after LC", "idle BE to BE", "BE kernel ms/step", "atoms",
+            "boundary us/atom", "LC p99 (ms)"]
+    out = ["### Where a training job's GPU time goes beside LC (timelines)", "",
+           d["provenance"], ""] + [f"- {x}" for x in d.get("findings", [])]
+    out += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for st in d["sets"]:
+        for r in st["runs"]:
+            if r["config"] == "lake-lc-alone":
+                continue
+            tl, p = r["timeline"], r.get("be_pacer", {})
+            idle = (_idle(tl, "before_lc"), _idle(tl, "after_lc"), _idle(tl, "be_be"))
+            if "idle_gaps_ms" not in tl:        # the script's first version: one total
+                idle = ("-", "-", f"{tl.get('idle_in_them_ms', 0):.0f} (all)")
+            per_atom = (f"{p['boundary_s'] / p['atoms'] * 1e6:.0f}"
+                        if p.get("boundary_s") and p.get("atoms") else "-")
+            cells = [st["label"], f"{st['lc']}+{st['be']} {r['config']}",
+                     f"{r['be_steps_per_s']:.0f}", f"{r['sm_mhz']:.0f}",
+                     f"{tl['gpu_busy_share']:.2f}", *idle,
+                     f(tl.get("be_kernel_ms_per_step"), 3), str(p.get("atoms", "-")), per_atom,
+                     f(r.get("lc_p99_ms"), 3)]
+            out.append("| " + " | ".join(cells) + " |")
+    out += [""]
+    plans = [(st["label"], r["plans"]) for st in d["sets"] for r in st["runs"] if "plans" in r]
+    # runs whose only record kept is their plan decisions (printed, not saved)
+    plans += [(x["label"], x["plans"]) for x in d.get("plans_experiments", [])]
+    if plans:
+        out += ["BE's plan decisions in the lake window (ms, p10 / p50 / p90): the predicted "
+                "time to LC's arrival, BE's queued work (estimated) and the next op's need.", "",
+                "| run | decision | n | to LC's arrival | queued | need |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for label, pl in plans:
+            for what, x in pl.items():
+                cells = [label, what, str(x["n"])]
+                for k in ("until", "queued", "need"):
+                    q = x.get(k)
+                    cells.append(f"{q['p10']} / {q['p50']} / {q['p90']}" if q else "-")
+                out.append("| " + " | ".join(cells) + " |")
+        out += [""]
+    return out
+
+
 def duty_section(d: Any, main: Any) -> list[str]:
     """The lake rows at the current defaults beside the main table's (be_duty 1)."""
     if not d:
@@ -404,6 +456,10 @@ def main() -> int:
     lines += duty_section(load("sched_gpu_duty.json"), sched)
     lines += ab_section(load("be_duty_ab.json"),
                         "BE's duty while LC is active (`be_duty`), fixed and governed, A/B")
+    lines += timeline_section(load("timeline_train.json"))
+    lines += ab_section(load("train_tried_ab.json"),
+                        "Training as BE: estimates, atom grouping and cutting, A/B (tried, "
+                        "dropped)")
     lines += repeat_section(load("sched_gpu_repeat.json"), sched, "Another run, same code")
     lines += repeat_section(load("sched_gpu_previous.json"), sched, "The previous table")
     lines += ab_section(load("be_sms_ab.json"),

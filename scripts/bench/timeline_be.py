@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Diagnostics (device machine): where a BE job's GPU time goes beside LC.
+
+Records the GPU's kernel timeline (torch.profiler, CUDA activity only) for
+a window of each config and reports, per config: how much of the window
+some kernel ran (the rest is GPU idle), each stream's kernel time, BE's
+kernel time per step (against the direct run's: kernels that run slower,
+on a lower clock, split into pieces or beside LC's), and the SM clock NVML
+read meanwhile.  Configs, as sched_gpu.py names them: isolated-be (direct),
+lake-be-alone (at the idle atom budget and at ``--atom-us``, which shows
+what splitting alone costs) and lake (LC every --period-ms beside BE).
+CUPTI adds a little to each launch, so its numbers are not the table's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import sched_gpu as S  # noqa: E402 - sets sys.path and CUDA_DEVICE_MAX_CONNECTIONS
+
+import torch  # noqa: E402
+
+import workloads as W  # noqa: E402
+from laked.sched.arbiter import GpuArbiter  # noqa: E402
+from laked.tenants import TenantSpec  # noqa: E402
+
+
+def union_us(spans: list[tuple[float, float]]) -> float:
+    """Time covered by the intervals (start, end)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def summarize(trace: dict[str, Any], steps: int, lc_streams: set[int]) -> dict[str, Any]:
+    """Busy share of the window, kernel time per stream, and the GPU's idle
+    gaps (over 20 us) by what ends them: an LC kernel ("before_lc", BE had
+    stopped for LC's arrival), or a BE kernel after an LC one ("after_lc")
+    or after a BE one ("be_be", BE's issue fell behind)."""
+    ks = sorted((e["ts"], e["ts"] + e["dur"], int(e["args"].get("stream", -1)))
+                for e in trace.get("traceEvents", []) if e.get("cat") == "kernel")
+    if not ks:
+        return {"kernels": 0}
+    t0, t1 = ks[0][0], max(b for _, b, _ in ks)
+    by_stream: dict[int, list[tuple[float, float]]] = {}
+    for a, b, st in ks:
+        by_stream.setdefault(st, []).append((a, b))
+    window = t1 - t0
+    streams = {str(k): {"kernels": len(v), "kernel_ms": round(sum(b - a for a, b in v) / 1e3, 3),
+                        "busy_ms": round(union_us(v) / 1e3, 3), "lc": k in lc_streams}
+               for k, v in sorted(by_stream.items(), key=lambda kv: -len(kv[1]))}
+    idle = {"before_lc": [0, 0.0], "after_lc": [0, 0.0], "be_be": [0, 0.0]}
+    end, last = ks[0][1], ks[0][2]
+    for a, b, st in ks[1:]:
+        if a - end > 20:
+            kind = ("before_lc" if st in lc_streams else
+                    "after_lc" if last in lc_streams else "be_be")
+            idle[kind][0] += 1
+            idle[kind][1] += a - end
+        if b > end:
+            end, last = b, st
+    out: dict[str, Any] = {
+        "kernels": len(ks), "window_ms": round(window / 1e3, 3),
+        "gpu_busy_share": round(union_us([(a, b) for a, b, _ in ks]) / window, 4),
+        "idle_gaps_ms": {k: {"n": n, "ms": round(us / 1e3, 3)} for k, (n, us) in idle.items()},
+        "streams": streams}
+    if steps:
+        be_ms = sum(v["kernel_ms"] for v in streams.values() if not v["lc"])
+        out["be_kernel_ms_per_step"] = round(be_ms / steps, 4)
+        out["be_kernels_per_step"] = round(
+            sum(v["kernels"] for v in streams.values() if not v["lc"]) / steps, 2)
+    return out
+
+
+def plans(log: list[tuple[float, float, float, float, Any]]) -> dict[str, Any]:
+    """The BE plan decisions by outcome, with the predicted time to LC's
+    arrival, BE's queue and the op's need at each (ms percentiles)."""
+    out: dict[str, Any] = {}
+    for what in ("full", "park", "hold", "comp"):
+        rows = [r for r in log if (r[4] is None and what == "hold") or
+                (r[4] is not None and r[4][0] == what)]
+        if not rows:
+            continue
+        d: dict[str, Any] = {"n": len(rows)}
+        for i, name in ((1, "until"), (2, "queued"), (3, "need")):
+            xs = sorted(r[i] * 1e3 for r in rows if r[i] != float("inf"))
+            if xs:
+                d[name] = {f"p{q}": round(xs[min(len(xs) - 1, len(xs) * q // 100)], 3)
+                           for q in (10, 50, 90)}
+        out[what] = d
+    return out
+
+
+class Clock:
+    """Mean SM clock over a window, read every 10 ms on a thread."""
+
+    def __init__(self) -> None:
+        self.read = S.nvml_reader("clocks_mhz")
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.01):
+            self.samples.append(self.read())
+
+    def __enter__(self) -> "Clock":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def mean(self) -> float:
+        return round(statistics.fmean(self.samples), 1) if self.samples else 0.0
+
+
+def window(label: str, be: S.BeRunner | None, lc_one: Callable[[], float] | None,
+           args: argparse.Namespace, out_dir: Path, lc_streams: set[int]) -> dict[str, Any]:
+    """One config's profiled window (after --warm LC requests or 0.3 s of BE)."""
+    ctx = be if be is not None else contextlib.nullcontext()
+    with ctx:
+        if lc_one is not None:
+            S.paced(lc_one, args.warm, args.period_ms / 1e3)
+        else:
+            time.sleep(0.3)
+        steps0 = be.steps if be else 0
+        p0 = S.pacer_stats(be.tenant) if be is not None and be.tenant is not None else {}
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        with Clock() as clk, prof:
+            t0 = time.perf_counter()
+            if lc_one is not None:
+                lat = S.paced(lc_one, args.requests, args.period_ms / 1e3)
+            else:
+                time.sleep(args.requests * args.period_ms / 1e3)
+                lat = []
+            dt = time.perf_counter() - t0
+            steps = (be.steps - steps0) if be else 0
+            p1 = S.pacer_stats(be.tenant) if p0 else {}
+    torch.cuda.synchronize()
+    path = out_dir / f"{label}.json"
+    prof.export_chrome_trace(str(path))
+    tl = summarize(json.loads(path.read_text()), steps, lc_streams)
+    r = {"config": label, "seconds": round(dt, 4), "be_steps_per_s": round(steps / dt, 2),
+         "sm_mhz": clk.mean(), "timeline": tl}
+    if lat:
+        s = sorted(lat)
+        r["lc_p50_ms"] = round(statistics.median(s) * 1e3, 4)
+        r["lc_p99_ms"] = round(S.pctl(s, 0.99) * 1e3, 4)
+    if p0:      # in the window
+        r["be_pacer"] = {k: round(v - p0[k], 4) for k, v in p1.items()}
+    print(f"  {label}: {json.dumps(r)}", flush=True)
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lc", default="gemm")
+    ap.add_argument("--be", default="train")
+    ap.add_argument("--atom-us", type=float, default=400.0,
+                    help="lake-be-alone's second budget (the LC-recent atom size)")
+    ap.add_argument("--requests", type=int, default=200, help="LC requests in each window")
+    ap.add_argument("--period-ms", type=float, default=5.0)
+    ap.add_argument("--warm", type=int, default=40)
+    ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    knobs = {k: float(v) for k, _, v in (kv.partition("=") for kv in args.knob)}
+    out_dir = Path(tempfile.mkdtemp(prefix="timeline-"))
+    arb = GpuArbiter(knobs)
+    be = W.BE[args.be]()
+    lc = W.LC[args.lc]()
+    lo = torch.cuda.Stream(priority=arb.prio_lo)
+    with torch.cuda.stream(lo):
+        lc.run()
+        be.step()
+    lc.capture(torch.cuda.Stream(priority=arb.prio_hi))
+    runs = [window("isolated-be", S.BeRunner(be, lo), None, args, out_dir, set())]
+    idle = arb.knobs.idle_atom_us
+    for budget in (idle, args.atom_us):
+        arb.knobs.idle_atom_us = budget
+        tb = arb.add_tenant(TenantSpec(f"be-alone-{budget:.0f}", "BE", 0, kind="job"))
+        try:
+            runs.append(window(f"lake-be-alone-{budget:.0f}us",
+                               S.BeRunner(be, arb=arb, tenant=tb), None, args, out_dir,
+                               set()))
+        finally:
+            arb.remove_tenant(tb)
+    arb.knobs.idle_atom_us = idle
+    tl = arb.add_tenant(TenantSpec(f"lc-{lc.name}", "LC", 0, kind="model"))
+    tl.allow_partition = False
+    runs.append(window("lake-lc-alone", None, S.lake_lc(arb, tl, lc), args, out_dir, set()))
+    lc_streams = {int(k) for k in runs[-1]["timeline"].get("streams", {})}
+    tb = arb.add_tenant(TenantSpec(f"be-{be.name}", "BE", 0, kind="job"))
+    try:
+        arb.plan_log = []
+        runs.append(window("lake", S.BeRunner(be, arb=arb, tenant=tb),
+                           S.lake_lc(arb, tl, lc), args, out_dir, lc_streams))
+        runs[-1]["plans"] = plans(arb.plan_log)
+        print(f"  plans: {json.dumps(runs[-1]['plans'])}", flush=True)
+        arb.plan_log = None
+    finally:
+        arb.remove_tenant(tb)
+        arb.remove_tenant(tl)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"lc": lc.name, "be": be.name,
+                                              "knobs": vars(arb.knobs), "runs": runs},
+                                             indent=2) + "\n")
+    arb.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
