@@ -222,6 +222,17 @@ class BeRunner:
             raise self.error
 
 
+def parse_knobs(pairs: list[str]) -> dict[str, Any]:
+    """``--knob NAME=VALUE`` arguments as a knob dict (true/false, int or float)."""
+    knobs: dict[str, Any] = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        knobs[k] = {"true": True, "false": False}.get(v.lower(), None)
+        if knobs[k] is None:
+            knobs[k] = float(v) if "." in v else int(v)
+    return knobs
+
+
 def pctl(s: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(len(s) * q))]
 
@@ -355,12 +366,7 @@ def main() -> int:
     if args.stall_s:
         faulthandler.dump_traceback_later(args.stall_s, exit=True)
     args.configs = args.configs.split(",")
-    knobs = {}
-    for kv in args.knob:
-        k, _, v = kv.partition("=")
-        knobs[k] = {"true": True, "false": False}.get(v.lower(), None)
-        if knobs[k] is None:
-            knobs[k] = float(v) if "." in v else int(v)
+    knobs = parse_knobs(args.knob)
     torch.backends.cudnn.benchmark = False
     energy = nvml_reader("energy_mj")
     arb = GpuArbiter(knobs)

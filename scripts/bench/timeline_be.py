@@ -97,8 +97,7 @@ def plans(log: list[tuple[float, float, float, float, Any]]) -> dict[str, Any]:
         for i, name in ((1, "until"), (2, "queued"), (3, "need")):
             xs = sorted(r[i] * 1e3 for r in rows if r[i] != float("inf"))
             if xs:
-                d[name] = {f"p{q}": round(xs[min(len(xs) - 1, len(xs) * q // 100)], 3)
-                           for q in (10, 50, 90)}
+                d[name] = {f"p{q}": round(S.pctl(xs, q / 100), 3) for q in (10, 50, 90)}
         out[what] = d
     return out
 
@@ -178,7 +177,7 @@ def main() -> int:
     ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    knobs = {k: float(v) for k, _, v in (kv.partition("=") for kv in args.knob)}
+    knobs = S.parse_knobs(args.knob)
     out_dir = Path(tempfile.mkdtemp(prefix="timeline-"))
     arb = GpuArbiter(knobs)
     be = W.BE[args.be]()
