@@ -128,6 +128,7 @@ class GpuArbiter(Arbiter):
         self.prio_lo, self.prio_hi = int(lo), int(hi)
         self.gates = Gates(self.knobs.gate_timeout_ms / 1e3)
         self.parks = Parks()
+        self._lc: tuple[GpuTenant, ...] | None = None   # lc_tenants(), until tenants change
         self.lc_seq = 0                           # bumped by every LC request start
         self.lc_active = 0
         self.last_lc = 0.0                        # host time the last LC request ended
@@ -204,8 +205,16 @@ class GpuArbiter(Arbiter):
                             self._cap_stream() if kind == "cap" else self._comp_stream())
         return t
 
+    def add_tenant(self, spec: TenantSpec) -> TenantState:
+        t = super().add_tenant(spec)
+        with self._tlock:
+            self._lc = None
+        return t
+
     def remove_tenant(self, t: TenantState) -> None:
         super().remove_tenant(t)
+        with self._tlock:
+            self._lc = None
         assert isinstance(t, GpuTenant)
         if t.pacer is not None:
             t.pacer.close()
@@ -222,10 +231,14 @@ class GpuArbiter(Arbiter):
             self.parks.release(t.pass_slot, t.pass_n)
             t.pass_slot = -1
 
-    def lc_tenants(self) -> list[GpuTenant]:
-        with self._tlock:
-            return [t for t in self.tenants.values()
-                    if isinstance(t, GpuTenant) and t.is_lc and t.slot >= 0]
+    def lc_tenants(self) -> tuple[GpuTenant, ...]:
+        """The LC tenants (every BE plan asks: kept until a tenant comes or goes)."""
+        lc = self._lc
+        if lc is None:
+            with self._tlock:      # built and dropped under one lock: never stale
+                lc = self._lc = tuple(t for t in self.tenants.values()
+                                      if isinstance(t, GpuTenant) and t.is_lc and t.slot >= 0)
+        return lc
 
     def lc_slots(self) -> list[int]:
         return [s for t in self.lc_tenants() for s in t.gate_slots()]
@@ -353,7 +366,7 @@ class GpuArbiter(Arbiter):
             t.stream = t.partition.torch_stream(self.prio_hi)
 
     # -- BE ---------------------------------------------------------------------------
-    def _lc_view(self, ts: list[GpuTenant], now: float) -> LcView:
+    def _lc_view(self, ts: tuple[GpuTenant, ...], now: float) -> LcView:
         """What LC tenants ``ts`` are doing, and when the next one is due."""
         v = LcView()
         lead = self.knobs.lead_us / 1e6
@@ -422,8 +435,10 @@ class GpuArbiter(Arbiter):
                     self._lc_ended.wait(min(max(wait, MIN_WAIT_S), HOLD_POLL_S))
             if not v.run_full:
                 p.hold_s += time.perf_counter() - now
+            else:
+                p.lc_wait_s += time.perf_counter() - now
 
-    def _park_on(self, ts: list[GpuTenant], v: LcView) -> tuple[int, int, float] | None:
+    def _park_on(self, ts: tuple[GpuTenant, ...], v: LcView) -> tuple[int, int, float] | None:
         """The wait for the LC request ``v`` expects next (None: its tenant
         has no counter, so BE holds on the host)."""
         if v.until_i < 0:
@@ -466,7 +481,7 @@ class GpuArbiter(Arbiter):
                     op.piece(i0, i1)
                     op.done_rows = i1
                     t.items += i1 - i0
-                p.run_split(Split(key, op.rows, 1e-6, piece, None))
+                p.run_split(Split(key, op.rows, 1e-6, piece, None, guessed=False))
             p.drain()
 
     # -- views for laked status, top and the kernel's policy ----------------------------

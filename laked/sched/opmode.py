@@ -57,10 +57,11 @@ class Split:
     est_row_s: float              # first guess of seconds per row on the whole GPU
     piece: Callable[[int, int], None]
     result: Any
+    guessed: bool = True          # est_row_s comes from FLOPs or bytes (bounds what is learned)
 
 
 def _nbytes(x: Any) -> int:
-    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+    return x.nbytes if isinstance(x, torch.Tensor) else 0
 
 
 def _tensors(args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
@@ -73,13 +74,29 @@ def _tensors(args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
 
 
 def est_seconds(args: Any, kwargs: dict[str, Any]) -> float:
-    """Memory-bound guess for an op we do not model: its tensors' bytes once."""
-    return sum(_nbytes(t) for t in _tensors(args, kwargs)) / BANDWIDTH + 2e-6
+    """Memory-bound guess for an op we do not model: its tensors' bytes once
+    (the tensors ``_tensors`` finds, in one pass: it runs for every op)."""
+    n = 0
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            n += a.nbytes
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                if isinstance(x, torch.Tensor):
+                    n += x.nbytes
+    if kwargs:
+        for a in kwargs.values():
+            if isinstance(a, torch.Tensor):
+                n += a.nbytes
+    return n / BANDWIDTH + 2e-6
 
 
 def whole_seconds(func: Any, args: Any, kwargs: dict[str, Any]) -> float:
     """A cheap estimate of the whole op's GPU time (no allocation, no meta run)."""
-    name = func.overloadpacket.__name__
+    return _whole(func.overloadpacket.__name__, args, kwargs)
+
+
+def _whole(name: str, args: Any, kwargs: dict[str, Any]) -> float:
     try:
         if name in ("mm", "addmm", "bmm"):
             a, b = (args[1], args[2]) if name == "addmm" else (args[0], args[1])
@@ -218,19 +235,21 @@ def _on_gpu(args: Any) -> bool:
 
 
 PASS, SPLIT, ONE = 0, 1, 2
-_KIND: dict[Any, tuple[int, Any]] = {}      # op -> (what to do, splitter): decided once
+# op -> (what to do, splitter, op name): decided once
+_KIND: dict[Any, tuple[int, Any, str]] = {}
 
 
-def _classify(func: Any) -> tuple[int, Any]:
+def _classify(func: Any) -> tuple[int, Any, str]:
     kind = _KIND.get(func)
     if kind is None:
+        name = func.overloadpacket.__name__
         if func.is_view or func in _NO_KERNEL:
-            kind = (PASS, None)
+            kind = (PASS, None, name)
         else:
             splitter = _SPLITTERS.get(func)
             if splitter is None and torch.Tag.pointwise in func.tags:
                 splitter = _pointwise
-            kind = (SPLIT, splitter) if splitter is not None else (ONE, None)
+            kind = (SPLIT, splitter, name) if splitter is not None else (ONE, None, name)
         _KIND[func] = kind
     return kind
 
@@ -244,19 +263,21 @@ class AtomizeMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
+        # every aten op of the job comes here: each Python step is paid per op
+        what, splitter, name = _KIND.get(func) or _classify(func)
         kwargs = kwargs or {}
-        what, splitter = _classify(func)
-        if what == PASS or not (_on_gpu(args) or _on_gpu(kwargs.values())):
+        if what == PASS or not (_on_gpu(args) or (kwargs and _on_gpu(kwargs.values()))):
             return func(*args, **kwargs)
+        p = self.pacer
         if what == SPLIT:
-            est = whole_seconds(func, args, kwargs)
+            est = _whole(name, args, kwargs)
             # an op up to half again an atom is an atom already: splitting it
             # would cost more Python than the wait it saves LC
-            if est <= WHOLE_X * self.pacer.budget_hint():
-                return self.pacer.run_one(lambda: func(*args, **kwargs), est)
+            if est <= WHOLE_X * p.budget_hint():
+                return p.run_op(func, args, kwargs, est)
             plan = splitter(func, args, kwargs)
             if plan is not None:
-                self.pacer.run_split(plan)
+                p.run_split(plan)
                 return plan.result
-            return self.pacer.run_one(lambda: func(*args, **kwargs), est)
-        return self.pacer.run_one(lambda: func(*args, **kwargs), est_seconds(args, kwargs))
+            return p.run_op(func, args, kwargs, est)
+        return p.run_op(func, args, kwargs, est_seconds(args, kwargs))

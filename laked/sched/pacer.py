@@ -2,7 +2,7 @@
 
 Everything a BE tenant launches through laked goes through its pacer:
 split ops piece by piece (``run_split``), other ops grouped into atoms of
-about the arbiter's budget (``run_one``).  At every atom boundary the pacer
+about the arbiter's budget (``run_op``).  At every atom boundary the pacer
 closes the previous atom with an event, asks the arbiter for the next
 atom's budget and stream (waiting while ``depth`` atoms are already in
 flight, or holding while an LC request is about to arrive), and queues the
@@ -29,13 +29,14 @@ if TYPE_CHECKING:
     from .arbiter import GpuArbiter, GpuTenant
 
 SMALL_S = 20e-6      # ops estimated below this run without an atom boundary
+RATE_X = 4.0         # learned seconds per row stay within this factor of the guess
 
 
-@dataclass
+@dataclass(slots=True)
 class _Atom:
     end: Any                     # driver event after the atom
     est_s: float
-    timing: tuple[Any, Any, int] | None     # (start event, cost key, rows)
+    timing: tuple[Any, Any, int, float] | None   # (start, cost key, rows, guess or 0)
     lc_seq: int
     kind: str
     gap_s: float = 0.0           # be_duty's idle time queued after it
@@ -60,7 +61,7 @@ class Pacer:
         self._open = False
         self._est = 0.0
         self._budget = 0.0
-        self._timing: tuple[Any, Any, int] | None = None
+        self._timing: tuple[Any, Any, int, float] | None = None
         self._seq = 0
         self._recent = False                     # the open atom runs beside active LC
         self.gap_s = 0.0                         # GPU time BE left idle (be_duty)
@@ -68,6 +69,7 @@ class Pacer:
         self.memory_s = 0.0                      # ... and in byte-bound ops
         self.wait_depth_s = 0.0                  # issuer time spent waiting for room
         self.hold_s = 0.0                        # ... holding for a predicted LC
+        self.lc_wait_s = 0.0                     # ... waiting while LC runs
         self.boundary_s = 0.0                    # ... at atom boundaries, waits included
         self.parked: tuple[int, int] | None = None   # (counter, request) an atom waits for
 
@@ -76,18 +78,21 @@ class Pacer:
         """The atom budget the next boundary will most likely give."""
         return self.arb.budget_hint()
 
-    def run_one(self, fn: Callable[[], Any], est_s: float) -> Any:
+    def run_op(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any],
+               est_s: float) -> Any:
+        """``func(*args, **kwargs)`` in the open atom, or in a new one when it
+        would overrun the budget (called per op: no closure is built for it)."""
         if est_s < SMALL_S:
             # a few microseconds of GPU work: not worth a gate wait and an
             # event (the Python cost would exceed it); it joins whatever atom
             # is queued on this stream
             self._est += est_s
             self.memory_s += est_s
-            return fn()
+            return func(*args, **kwargs)
         with self.lock:
             if not self._open or self._est + est_s > self._budget:
                 self._boundary(est_s)
-            out = fn()
+            out = func(*args, **kwargs)
             self._est += est_s
             self.memory_s += est_s
             return out
@@ -109,7 +114,8 @@ class Pacer:
                         n = left
                 start = self.tev.record(raw_stream(self.dev))
                 plan.piece(i, i + n)
-                self._timing = (start, (self.kind, plan.key), n)
+                self._timing = (start, (self.kind, plan.key), n,
+                                plan.est_row_s if plan.guessed else 0.0)
                 self._est = n * per_row
                 if plan.key[0] == "pw":
                     self.memory_s += self._est
@@ -161,8 +167,8 @@ class Pacer:
     def _close(self) -> None:
         stream = raw_stream(self.dev)
         gap = 0.0
-        duty = self.arb.gov.duty
-        if self._recent and duty < 1.0 and self._est > 0:
+        duty = self.arb.gov.duty if self._recent else 1.0
+        if duty < 1.0 and self._est > 0:
             # the GPU's power limit sets its clock: BE idle for a share of
             # the time leaves LC's requests a higher clock.  One thread
             # spins on BE's stream, so LC loses no SMs to the gap; the end
@@ -172,8 +178,14 @@ class Pacer:
             # duty under 1 comes from a reading, so there is one)
             torch.cuda._sleep(int(gap * self.arb.gov.mhz * 1e6))
             self.gap_s += gap
-        end = (self.tev if self._timing is not None else self.ev).record(stream)
-        self.inflight.append(_Atom(end, self._est, self._timing, self._seq, self.kind, gap))
+        timing = self._timing
+        if timing is not None and self.tev.done(timing[0]):
+            # the GPU reached the piece before all of it was queued: its time
+            # counts the issuer's too, and rates learned from such pieces
+            # diverge (smaller pieces, more issuer time per row)
+            timing = (timing[0], timing[1], 0, timing[3])
+        end = (self.tev if timing is not None else self.ev).record(stream)
+        self.inflight.append(_Atom(end, self._est, timing, self._seq, self.kind, gap))
         self._timing = None
         self._open = False
 
@@ -188,12 +200,16 @@ class Pacer:
             a = self.inflight.popleft()
             spent = a.est_s
             if a.timing is not None:
-                start, key, rows = a.timing
+                start, key, rows, guess = a.timing
                 spent = self.tev.elapsed_s(start, a.end) - a.gap_s
                 undisturbed = (a.lc_seq == self.arb.lc_seq and not self.arb.lc_active
                                and a.kind != "comp" and not a.gap_s)
                 if undisturbed and rows and spent > 0:
                     r = spent / rows
+                    if guess:
+                        # within RATE_X of the FLOP/byte guess: one bad
+                        # reading must not cut the op into slivers
+                        r = min(max(r, guess / RATE_X), guess * RATE_X)
                     old = self.rates.get(key)
                     self.rates[key] = r if old is None else 0.7 * old + 0.3 * r
                 self.tev.put(start, a.end)

@@ -24,7 +24,7 @@ INF = float("inf")
 PHASE_GAIN = 0.25    # share of an arrival's lateness that moves the next prediction
 
 
-@dataclass
+@dataclass(slots=True)
 class Plan:
     budget_s: float              # inf: no limit
     kind: str                    # "full" or "comp" (the complement of right-sized LC)
@@ -33,7 +33,7 @@ class Plan:
     recent: bool = False         # an LC tenant is active (be_duty applies)
 
 
-@dataclass
+@dataclass(slots=True)
 class LcView:
     """What the LC tenants are doing, as BE's next atom sees it."""
     recent: bool = False         # any LC tenant active within quiet_s
@@ -44,7 +44,7 @@ class LcView:
     until_i: int = -1            # which tenant it is (index in the snapshot)
 
 
-@dataclass
+@dataclass(slots=True)
 class Ask:
     """The pacer's side of the decision."""
     queued_s: float              # estimated GPU time of its atoms not yet finished

@@ -491,6 +491,39 @@ def test_infer_lets_be_go_only_once_its_result_is_back(arb, kernel_side) -> None
     assert arb.lc_active == 0 and not t.active
 
 
+def test_only_pieces_queued_ahead_of_the_gpu_teach_a_rate(arb) -> None:  # type: ignore[no-untyped-def]
+    """A split piece the GPU reached before it was all queued times the
+    issuer, not the GPU: learning from such pieces made rates grow without
+    bound (smaller pieces, more issuer time per row).  Pieces queued behind
+    running work teach the pacer; pieces the GPU waited for do not."""
+    from laked.sched.atoms import RowOp
+    from laked.tenants import TenantSpec
+    be = arb.add_tenant(TenantSpec("t-rates", "BE", 0, kind="job"))
+    x = torch.randn(64, 1 << 14, device="cuda")
+    out = torch.empty_like(x)
+
+    def slow(i0: int, i1: int) -> None:
+        time.sleep(0.002)               # the GPU reaches the piece's start first
+        torch.mul(x[i0:i1], 2.0, out=out[i0:i1])
+
+    def block(i0: int, i1: int) -> None:
+        torch.cuda._sleep(50_000_000)   # tens of ms: the next pieces queue behind it
+
+    def fast(i0: int, i1: int) -> None:
+        torch.mul(x[i0:i1], 2.0, out=out[i0:i1])
+
+    ops = ([RowOp(64, slow) for _ in range(8)] + [RowOp(64, block)]
+           + [RowOp(64, fast) for _ in range(3)])
+    try:
+        arb.run_be(be, iter(ops), threading.Event())
+        learned = {key[2]: r for (_, key), r in be.pacer.rates.items() if key[0] == "rowop"}
+        assert id(fast.__code__) in learned, learned
+        assert id(slow.__code__) not in learned, learned
+        torch.testing.assert_close(out, x * 2.0)
+    finally:
+        arb.remove_tenant(be)
+
+
 def test_atomize_mode_gives_identical_results(arb) -> None:  # type: ignore[no-untyped-def]
     from laked.tenants import TenantSpec
     arb.knobs.idle_atom_us = arb.knobs.atom_us = 2.0     # tiny atoms: big ops are split
