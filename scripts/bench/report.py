@@ -489,6 +489,7 @@ def main() -> int:
     lines += ab_section(load("issuer_ab.json"),
                         "This stop's pacer against main's, same machine, A/B")
     lines += issue_section(load("issue_cost.json"))
+    lines += ab_section(load("depth_ab.json"), "A deeper BE queue beside LC (`depth`), A/B")
     lines += ab_section(load("fill_hold_ab.json"),
                         "Issuing beside a running LC request, and filling the room with a cut "
                         "op (tried, dropped), A/B")
