@@ -134,6 +134,8 @@ class GpuArbiter(Arbiter):
         self.last_lc = 0.0                        # host time the last LC request ended
         # diagnostics (scripts/bench/timeline_be.py): every BE plan decision
         self.plan_log: list[tuple[float, float, float, float, Any]] | None = None
+        # ... and every LC arrival: (host time, the arrival predicted for it)
+        self.arrive_log: list[tuple[float, float]] | None = None
         self._lock = threading.Lock()
         # BE issuers holding for LC sleep on this until a request ends (a
         # polling issuer would take the GIL from LC's threads every wake)
@@ -262,6 +264,8 @@ class GpuArbiter(Arbiter):
 
     # -- LC ---------------------------------------------------------------------------
     def _arrive(self, t: GpuTenant, now: float) -> None:
+        if self.arrive_log is not None:
+            self.arrive_log.append((now, t.due))
         if t.last_start:
             gap = now - t.last_start
             t.gap = gap if not t.gap else 0.8 * t.gap + 0.2 * gap

@@ -9,11 +9,16 @@ on a lower clock, split into pieces or beside LC's), and the SM clock NVML
 read meanwhile.  Configs, as sched_gpu.py names them: isolated-be (direct),
 lake-be-alone (at the idle atom budget and at ``--atom-us``, which shows
 what splitting alone costs) and lake (LC every --period-ms beside BE).
+In the lake window the GPU's idle time before each LC request is split at
+the request's predicted and host arrival (``before_lc``: BE's queue ran
+dry early, the request came late, or its issue took that long), with the
+arbiter's arrival log mapped onto the trace's epoch clock.
 CUPTI adds a little to each launch, so its numbers are not the table's.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import statistics
@@ -84,6 +89,84 @@ def summarize(trace: dict[str, Any], steps: int, lc_streams: set[int]) -> dict[s
     return out
 
 
+def epoch_us_per_perf() -> float:
+    """Offset from perf_counter seconds to the trace's clock (unix epoch, us):
+    kineto converts CUPTI's timestamps to epoch time.  The closest of a few
+    back-to-back readings of both clocks."""
+    best = None
+    for _ in range(20):
+        a = time.perf_counter()
+        e = time.time_ns() / 1e3
+        b = time.perf_counter()
+        if best is None or b - a < best[0]:
+            best = (b - a, e - (a + b) / 2 * 1e6)
+    assert best is not None
+    return best[1]
+
+
+def kernels_epoch_us(trace: dict[str, Any]) -> list[tuple[float, float, int]]:
+    """(start, end, stream) of every kernel, in epoch microseconds."""
+    base = float(trace.get("baseTimeNanoseconds", 0)) / 1e3
+    return sorted((base + e["ts"], base + e["ts"] + e["dur"], int(e["args"].get("stream", -1)))
+                  for e in trace.get("traceEvents", []) if e.get("cat") == "kernel")
+
+
+def idle_before_lc(ks: list[tuple[float, float, int]], lc_streams: set[int],
+                   arrivals: list[tuple[float, float]], offset_us: float) -> dict[str, Any]:
+    """Split the GPU's idle time before each LC request's first kernel by
+    what it waited for.  ``ks``: kernels (start, end, stream) in the trace's
+    clock; ``arrivals``: (host arrival, predicted arrival) in perf_counter
+    seconds, ``offset_us`` added to map them onto that clock.  The idle runs
+    from the later of BE's last kernel end and the previous LC request's
+    end to LC's first kernel, cut at the predicted and the host arrival:
+
+    - ``queue_dry``: BE's queued work ended before the predicted arrival;
+    - ``late``: the request reached laked after its predicted arrival;
+    - ``issue``: from its arrival on the host to its first kernel."""
+    lc = [(a, b) for a, b, st in ks if st in lc_streams]
+    be = [(a, b) for a, b, st in ks if st not in lc_streams]
+    lc_starts = [a for a, _ in lc]
+    be_starts = [a for a, _ in be]
+    be_max_end: list[float] = []
+    for _, b in be:
+        be_max_end.append(max(b, be_max_end[-1]) if be_max_end else b)
+    tot = {"queue_dry": 0.0, "late": 0.0, "issue": 0.0}
+    late_us, issue_us, n = [], [], 0
+    for host_s, due_s in arrivals:
+        h = host_s * 1e6 + offset_us
+        i = bisect.bisect_left(lc_starts, h - 20.0)     # 20 us: the clocks' mapping
+        if i >= len(lc):
+            continue
+        g = lc[i][0]
+        issue_us.append(g - h)
+        if due_s:
+            late_us.append(h - (due_s * 1e6 + offset_us))
+        j = bisect.bisect_left(be_starts, g)
+        q = be_max_end[j - 1] if j else float("-inf")
+        prev = max((b for _, b in lc[max(0, i - 64):i]), default=float("-inf"))
+        start = max(q, prev)
+        if q > g or start == float("-inf") or g <= start:
+            continue                # BE ran into LC, or the GPU never idled before it
+        n += 1
+        p = min(max(due_s * 1e6 + offset_us, start), g) if due_s else start
+        a = min(max(h, p), g)
+        tot["queue_dry"] += p - start
+        tot["late"] += a - p
+        tot["issue"] += g - a
+    out: dict[str, Any] = {"requests": len(arrivals), "idle_before": n,
+                           "ms": {k: round(v / 1e3, 3) for k, v in tot.items()}}
+    mid = statistics.median(issue_us) if issue_us else 0.0
+    if not -50.0 <= mid <= 3000.0:
+        # a request's first kernel runs within a few hundred us of its
+        # arrival: anything else means the two clocks were not mapped
+        return {"requests": len(arrivals), "clocks_disagree_median_us": round(mid, 1)}
+    for name, xs in (("arrival_minus_predicted_us", late_us), ("arrival_to_kernel_us", issue_us)):
+        if xs:
+            xs.sort()
+            out[name] = {f"p{q}": round(S.pctl(xs, q / 100), 1) for q in (10, 50, 90)}
+    return out
+
+
 def plans(log: list[tuple[float, float, float, float, Any]]) -> dict[str, Any]:
     """The BE plan decisions by outcome, with the predicted time to LC's
     arrival, BE's queue and the op's need at each (ms percentiles)."""
@@ -128,8 +211,10 @@ class Clock:
 
 
 def window(label: str, be: S.BeRunner | None, lc_one: Callable[[], float] | None,
-           args: argparse.Namespace, out_dir: Path, lc_streams: set[int]) -> dict[str, Any]:
-    """One config's profiled window (after --warm LC requests or 0.3 s of BE)."""
+           args: argparse.Namespace, out_dir: Path, lc_streams: set[int],
+           arb: GpuArbiter | None = None) -> dict[str, Any]:
+    """One config's profiled window (after --warm LC requests or 0.3 s of BE);
+    with ``arb``, LC's arrivals are logged and the idle before each split."""
     ctx = be if be is not None else contextlib.nullcontext()
     with ctx:
         if lc_one is not None:
@@ -139,6 +224,9 @@ def window(label: str, be: S.BeRunner | None, lc_one: Callable[[], float] | None
         steps0 = be.steps if be else 0
         p0 = S.pacer_stats(be.tenant) if be is not None and be.tenant is not None else {}
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        offset = epoch_us_per_perf()
+        if arb is not None:
+            arb.arrive_log = []
         with Clock() as clk, prof:
             t0 = time.perf_counter()
             if lc_one is not None:
@@ -149,10 +237,16 @@ def window(label: str, be: S.BeRunner | None, lc_one: Callable[[], float] | None
             dt = time.perf_counter() - t0
             steps = (be.steps - steps0) if be else 0
             p1 = S.pacer_stats(be.tenant) if p0 else {}
+        arrivals = arb.arrive_log if arb is not None else None
+        if arb is not None:
+            arb.arrive_log = None
     torch.cuda.synchronize()
     path = out_dir / f"{label}.json"
     prof.export_chrome_trace(str(path))
-    tl = summarize(json.loads(path.read_text()), steps, lc_streams)
+    trace = json.loads(path.read_text())
+    tl = summarize(trace, steps, lc_streams)
+    if arrivals:
+        tl["before_lc"] = idle_before_lc(kernels_epoch_us(trace), lc_streams, arrivals, offset)
     r = {"config": label, "seconds": round(dt, 4), "be_steps_per_s": round(steps / dt, 2),
          "sm_mhz": clk.mean(), "timeline": tl}
     if lat:
@@ -207,7 +301,7 @@ def main() -> int:
     try:
         arb.plan_log = []
         runs.append(window("lake", S.BeRunner(be, arb=arb, tenant=tb),
-                           S.lake_lc(arb, tl, lc), args, out_dir, lc_streams))
+                           S.lake_lc(arb, tl, lc), args, out_dir, lc_streams, arb))
         runs[-1]["plans"] = plans(arb.plan_log)
         print(f"  plans: {json.dumps(runs[-1]['plans'])}", flush=True)
         arb.plan_log = None
