@@ -74,21 +74,8 @@ def _tensors(args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
 
 
 def est_seconds(args: Any, kwargs: dict[str, Any]) -> float:
-    """Memory-bound guess for an op we do not model: its tensors' bytes once
-    (the tensors ``_tensors`` finds, in one pass: it runs for every op)."""
-    n = 0
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            n += a.nbytes
-        elif isinstance(a, (list, tuple)):
-            for x in a:
-                if isinstance(x, torch.Tensor):
-                    n += x.nbytes
-    if kwargs:
-        for a in kwargs.values():
-            if isinstance(a, torch.Tensor):
-                n += a.nbytes
-    return n / BANDWIDTH + 2e-6
+    """Memory-bound guess for an op we do not model: its tensors' bytes once."""
+    return sum(t.nbytes for t in _tensors(args, kwargs)) / BANDWIDTH + 2e-6
 
 
 def whole_seconds(func: Any, args: Any, kwargs: dict[str, Any]) -> float:

@@ -111,6 +111,14 @@ def kernels_epoch_us(trace: dict[str, Any]) -> list[tuple[float, float, int]]:
                   for e in trace.get("traceEvents", []) if e.get("cat") == "kernel")
 
 
+def _max_ends(spans: list[tuple[float, float]]) -> list[float]:
+    """The latest end among spans[0..i], for each i (spans sorted by start)."""
+    out: list[float] = []
+    for _, b in spans:
+        out.append(max(b, out[-1]) if out else b)
+    return out
+
+
 def idle_before_lc(ks: list[tuple[float, float, int]], lc_streams: set[int],
                    arrivals: list[tuple[float, float]], offset_us: float) -> dict[str, Any]:
     """Split the GPU's idle time before each LC request's first kernel by
@@ -127,9 +135,7 @@ def idle_before_lc(ks: list[tuple[float, float, int]], lc_streams: set[int],
     be = [(a, b) for a, b, st in ks if st not in lc_streams]
     lc_starts = [a for a, _ in lc]
     be_starts = [a for a, _ in be]
-    be_max_end: list[float] = []
-    for _, b in be:
-        be_max_end.append(max(b, be_max_end[-1]) if be_max_end else b)
+    lc_max_end, be_max_end = _max_ends(lc), _max_ends(be)
     tot = {"queue_dry": 0.0, "late": 0.0, "issue": 0.0}
     late_us, issue_us, n = [], [], 0
     for host_s, due_s in arrivals:
@@ -143,7 +149,7 @@ def idle_before_lc(ks: list[tuple[float, float, int]], lc_streams: set[int],
             late_us.append(h - (due_s * 1e6 + offset_us))
         j = bisect.bisect_left(be_starts, g)
         q = be_max_end[j - 1] if j else float("-inf")
-        prev = max((b for _, b in lc[max(0, i - 64):i]), default=float("-inf"))
+        prev = lc_max_end[i - 1] if i else float("-inf")
         start = max(q, prev)
         if q > g or start == float("-inf") or g <= start:
             continue                # BE ran into LC, or the GPU never idled before it
