@@ -59,7 +59,7 @@ from .gate import Gates
 from .governor import Governor, target_mhz
 from .knobs import Knobs
 from .opmode import AtomizeMode, Split
-from .fast import Events, ensure_ctx, ensure_thread, set_primary, using
+from .fast import Events, ensure_ctx, ensure_thread, raw_stream, set_primary, using
 from .pacer import Pacer
 from .park import MASK, Parks
 from .partition import Partition, Partitions, check
@@ -136,6 +136,10 @@ class GpuArbiter(Arbiter):
         self.plan_log: list[tuple[float, float, float, float, Any]] | None = None
         # ... and every LC arrival: (host time, the arrival predicted for it)
         self.arrive_log: list[tuple[float, float]] | None = None
+        # ... and each LC request's GPU span, as events (trace_start)
+        self.lc_trace: list[tuple[Any, Any]] | None = None
+        self._trace_ev: Events | None = None
+        self._trace_ref: Any = None
         self._lock = threading.Lock()
         # BE issuers holding for LC sleep on this until a request ends (a
         # polling issuer would take the GIL from LC's threads every wake)
@@ -314,19 +318,30 @@ class GpuArbiter(Arbiter):
             n = self._next_request(t)           # before _arrive: BE parks on the next one
             self._arrive(t, t0)
             stream, cs = t.stream, t.stream.cuda_stream
+            tr = self.lc_trace
+            done = None
             try:
-                self.gates.close(t.slot, cs)
+                # the last request's open has run: its end event was waited for
+                self.gates.close_now(t.slot)
+                if tr is not None:
+                    tr.append((self._trace_ev.record(cs), None))
                 try:
                     with using(stream, self.dev):
                         out = fn()
                 finally:
                     self.gates.open(t.slot, cs)
                     self._mark(t, cs, n)
+                    if tr is not None:
+                        tr[-1] = (tr[-1][0], self._trace_ev.record(cs))
                     done = t.events.record(cs)
                 t.events.wait(done)
                 t.events.put(done)
             except Exception:
                 t.errors += 1
+                if done is not None:
+                    # the next request's close_now must not race this open
+                    with contextlib.suppress(RuntimeError):
+                        t.events.wait(done)
                 raise
             finally:
                 self._leave(t)
@@ -488,14 +503,55 @@ class GpuArbiter(Arbiter):
                 p.run_split(Split(key, op.rows, 1e-6, piece, None, guessed=False))
             p.drain()
 
+    # -- diagnostics (scripts/bench/timeline_be.py --events) ---------------------------
+    def trace_start(self) -> float:
+        """Time every BE atom and LC request on the GPU with events (no
+        profiler, so the issuers pay ~2 us per atom, not CUPTI's per call).
+        Returns the host time (perf_counter) of the spans' zero."""
+        ev = self._trace_ev = Events(timing=True, blocking=True)
+        ref = self._trace_ref = ev.record(raw_stream(self.dev))
+        while not ev.done(ref):     # spin: a blocking wait's wake-up would skew the zero
+            pass
+        host0 = time.perf_counter()
+        for p in self._pacers():
+            p.trace, p.trace_ref = [], ref
+        self.lc_trace = []
+        return host0
+
+    def trace_stop(self) -> dict[str, Any]:
+        """Stop tracing (after the traced BE jobs ended) and return the spans
+        in seconds from the zero: {"lc": [(start, end)], "be": {tenant:
+        [(start, end, host time queued)]}}."""
+        ev, ref = self._trace_ev, self._trace_ref
+        assert ev is not None and self.lc_trace is not None
+        torch.cuda.synchronize()
+        lc = []
+        for s, e in self.lc_trace:
+            if e is not None:
+                lc.append((ev.elapsed_s(ref, s), ev.elapsed_s(ref, e)))
+                ev.put(e)
+            ev.put(s)
+        self.lc_trace = None
+        be = {}
+        for p in self._pacers():
+            p.reap()
+            be[p.t.name] = p.trace or []
+            p.trace = p.trace_ref = None
+        ev.put(ref)
+        ev.close()
+        self._trace_ev = self._trace_ref = None
+        return {"lc": lc, "be": be}
+
+    def _pacers(self) -> list[Pacer]:
+        with self._tlock:
+            return [x.pacer for x in self.tenants.values()
+                    if isinstance(x, GpuTenant) and x.pacer is not None]
+
     # -- views for laked status, top and the kernel's policy ----------------------------
     def queue_delay_us(self) -> int:
         """How long LC work arriving now would wait: the BE atom running (est.)."""
         worst = 0.0
-        with self._tlock:
-            pacers = [x.pacer for x in self.tenants.values()
-                      if isinstance(x, GpuTenant) and x.pacer is not None]
-        for p in pacers:
+        for p in self._pacers():
             if p.inflight:
                 worst = max(worst, p.inflight[0].est_s)
         return int(worst * 1e6)

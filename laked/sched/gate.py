@@ -1,9 +1,13 @@
 """GPU-side gates: best-effort atoms start only while no LC work runs.
 
 Each LC tenant (and each raw stream of a kernel or cu* tenant) owns one
-32-bit flag.  Its stream writes a non-zero generation number
-(cuStreamWriteValue32) before its work and 0 after it, so the flag is
-non-zero exactly while the GPU runs that request, with no host round trip.
+32-bit flag, non-zero (a generation number) while that tenant's request
+is due or running.  A raw stream's close is queued on it
+(cuStreamWriteValue32: it takes effect after the work queued before it);
+an LC tenant's own stream has nothing queued before its request, so that
+close is a host store as the request arrives (``close_now``).  Every open
+is queued after the request's work, so the flag falls to 0 exactly when
+the GPU is done with it, with no host round trip.
 Every BE atom is preceded on its stream by cuStreamWaitValue32(flag == 0)
 for the LC tenants it could delay: the GPU's front end holds the next atom
 until LC is done and releases it the moment LC ends.  BE can thus keep
@@ -119,10 +123,12 @@ class Gates:
 
     # close/open/wait sit on every LC request and BE atom: a bare return-code
     # check keeps them cheap.
+    def _next_gen(self) -> int:
+        return next(self._gen) & 0xFFFFFFFF or 1
+
     def close(self, slot: int, stream: int) -> None:
         """Queue "LC running" on ``stream`` (takes effect when the stream gets there)."""
-        gen = next(self._gen) & 0xFFFFFFFF or 1
-        err, = self.cu.cuStreamWriteValue32(stream, self.base + 4 * slot, gen, 0)
+        err, = self.cu.cuStreamWriteValue32(stream, self.base + 4 * slot, self._next_gen(), 0)
         if int(err):
             raise GateError(f"cuStreamWriteValue32 (gate close) failed with CUresult {int(err)}")
 
@@ -140,6 +146,14 @@ class Gates:
             err, = self.cu.cuStreamWaitValue32(stream, self.base + 4 * s, 0, self._eq)
             if int(err):
                 raise GateError(f"cuStreamWaitValue32 (gate) failed with CUresult {int(err)}")
+
+    def close_now(self, slot: int) -> None:
+        """Shut a gate from the host, for a stream with nothing queued before
+        the LC work (an LC tenant's own stream, whose last request's open
+        has run).  A store, not a driver call, so the LC thread keeps the
+        GIL: a driver call lets a BE issuer take it, and getting it back
+        cost LC's request ~50-200 us before its first launch."""
+        self.flags[slot] = self._next_gen()
 
     def open_now(self, slot: int) -> None:
         """Open a gate from the host: a store into the pinned flag, which no

@@ -20,7 +20,7 @@ class Knobs:
     park: bool = True               # a hold parks the atom on the GPU (park.py)
     park_raw: bool = False          # ... behind raw-stream LC launches too (tenancy.py)
     be_sms: int = 0                 # BE's SMs while LC tenants are active (0: all of them)
-    be_duty: float = 0.85           # BE's least share of GPU time while LC is active (1: all)
+    be_duty: float = 1.0            # BE's least share of GPU time while LC is active (1: all)
     clock_slip: float = 0.15        # ... governed to keep the SM clock >= f_max / (1 + this)
     clock_interval_s: float = 0.05  # how often the governor reads the SM clock
     depth: int = 4                  # BE atoms queued per tenant (gated: LC waits for one)

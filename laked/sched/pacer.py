@@ -40,6 +40,7 @@ class _Atom:
     lc_seq: int
     kind: str
     gap_s: float = 0.0           # be_duty's idle time queued after it
+    traced: tuple[Any, float] | None = None   # (start event, host time queued): trace only
 
 
 class Pacer:
@@ -72,6 +73,11 @@ class Pacer:
         self.lc_wait_s = 0.0                     # ... waiting while LC runs
         self.boundary_s = 0.0                    # ... at atom boundaries, waits included
         self.parked: tuple[int, int] | None = None   # (counter, request) an atom waits for
+        # diagnostics (GpuArbiter.trace_start): each atom's GPU span, from
+        # events timed against ``trace_ref``: (start, end, host time queued)
+        self.trace: list[tuple[float, float, float]] | None = None
+        self.trace_ref: Any = None
+        self._traced: tuple[Any, float] | None = None
 
     # -- what the atomizers call ----------------------------------------------------
     def budget_hint(self) -> float:
@@ -156,6 +162,8 @@ class Pacer:
             if self.arb.parks.park(stream, slot, want, deadline):
                 self.parked = (slot, want)
         self.arb.gates.wait(stream, slots)
+        if self.trace is not None:
+            self._traced = (self.tev.record(stream), time.perf_counter())
         self._open = True
         self._est = 0.0
         self._budget = plan.budget_s
@@ -184,8 +192,9 @@ class Pacer:
             # counts the issuer's too, and rates learned from such pieces
             # diverge (smaller pieces, more issuer time per row)
             timing = (timing[0], timing[1], 0, timing[3])
-        end = (self.tev if timing is not None else self.ev).record(stream)
-        self.inflight.append(_Atom(end, self._est, timing, self._seq, self.kind, gap))
+        traced, self._traced = self._traced, None
+        end = (self.tev if timing is not None or traced else self.ev).record(stream)
+        self.inflight.append(_Atom(end, self._est, timing, self._seq, self.kind, gap, traced))
         self._timing = None
         self._open = False
 
@@ -212,10 +221,18 @@ class Pacer:
                         r = min(max(r, guess / RATE_X), guess * RATE_X)
                     old = self.rates.get(key)
                     self.rates[key] = r if old is None else 0.7 * old + 0.3 * r
-                self.tev.put(start, a.end)
-            else:
-                self.ev.put(a.end)
+                self.tev.put(start)
+            if a.traced is not None:
+                self._trace(a.traced, a.end)
+            (self.tev if a.timing is not None or a.traced else self.ev).put(a.end)
             self.t.busy_s += spent
+
+    def _trace(self, traced: tuple[Any, float], end: Any) -> None:
+        start, host = traced
+        if self.trace is not None:
+            self.trace.append((self.tev.elapsed_s(self.trace_ref, start),
+                               self.tev.elapsed_s(self.trace_ref, end), host))
+        self.tev.put(start)
 
     def wait_depth(self, depth: int) -> None:
         """Wait until fewer than ``depth`` atoms are in flight.  The wait is on

@@ -14,6 +14,11 @@ the request's predicted and host arrival (``before_lc``: BE's queue ran
 dry early, the request came late, or its issue took that long), with the
 arbiter's arrival log mapped onto the trace's epoch clock.
 CUPTI adds a little to each launch, so its numbers are not the table's.
+With --events the arbiter times each BE atom and LC request with CUDA
+events instead (GpuArbiter.trace_start): no CUPTI cost on the issuer's
+driver calls, atoms instead of kernels, and BE's idle gaps split at the
+host time each atom was queued (``be_idle``: the issuer was late, or the
+atom waited for a gate or a park).
 """
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ from laked.sched.arbiter import GpuArbiter  # noqa: E402
 from laked.tenants import TenantSpec  # noqa: E402
 
 
+EV_LC = 1     # --events: the stream number LC requests stand on
+
+
 def union_us(spans: list[tuple[float, float]]) -> float:
     """Time covered by the intervals (start, end)."""
     total, end = 0.0, float("-inf")
@@ -49,13 +57,14 @@ def union_us(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarize(trace: dict[str, Any], steps: int, lc_streams: set[int]) -> dict[str, Any]:
+def summarize(ks: list[tuple[float, float, int]], steps: int,
+              lc_streams: set[int]) -> dict[str, Any]:
     """Busy share of the window, kernel time per stream, and the GPU's idle
     gaps (over 20 us) by what ends them: an LC kernel ("before_lc", BE had
     stopped for LC's arrival), or a BE kernel after an LC one ("after_lc")
-    or after a BE one ("be_be", BE's issue fell behind)."""
-    ks = sorted((e["ts"], e["ts"] + e["dur"], int(e["args"].get("stream", -1)))
-                for e in trace.get("traceEvents", []) if e.get("cat") == "kernel")
+    or after a BE one ("be_be", BE's issue fell behind).  ``ks``: kernels
+    (start us, end us, stream), sorted; with --events, BE atoms and LC
+    requests stand for kernels."""
     if not ks:
         return {"kernels": 0}
     t0, t1 = ks[0][0], max(b for _, b, _ in ks)
@@ -173,6 +182,38 @@ def idle_before_lc(ks: list[tuple[float, float, int]], lc_streams: set[int],
     return out
 
 
+def be_idle(be: list[tuple[float, float, float]], lc: list[tuple[float, float]]
+            ) -> dict[str, Any]:
+    """The GPU's idle time (gaps over 20 us) that a BE atom's start ends,
+    split at the host time the atom was queued (all in us, one clock):
+    until then the issuer was late (``issuer_late``); after it the queued
+    atom waited for a gate or a park (``waited``)."""
+    spans = sorted([(a, b, h) for a, b, h in be] + [(a, b, -1.0) for a, b in lc])
+    if not spans:
+        return {"n": 0}
+    end, late, waited, n = spans[0][1], 0.0, 0.0, 0
+    for a, b, h in spans[1:]:
+        if a - end > 20 and h >= 0:
+            n += 1
+            cut = min(max(h, end), a)
+            late += cut - end
+            waited += a - cut
+        end = max(end, b)
+    return {"n": n, "issuer_late_ms": round(late / 1e3, 3), "waited_ms": round(waited / 1e3, 3)}
+
+
+def event_spans(spans: dict[str, Any], host0: float
+                ) -> tuple[list[tuple[float, float, int]], list[tuple[float, float, float]]]:
+    """GpuArbiter.trace_stop's spans in us from its zero: as kernels
+    (BE atoms on stream 0, LC requests on stream 1) and BE's atoms with the
+    host time each was queued."""
+    be = [(a * 1e6, b * 1e6, (h - host0) * 1e6) for xs in spans["be"].values()
+          for a, b, h in xs if b > 0]
+    ks = sorted([(a, b, 0) for a, b, _ in be] +
+                [(a * 1e6, b * 1e6, EV_LC) for a, b in spans["lc"] if b > 0])
+    return ks, be
+
+
 def plans(log: list[tuple[float, float, float, float, Any]]) -> dict[str, Any]:
     """The BE plan decisions by outcome, with the predicted time to LC's
     arrival, BE's queue and the op's need at each (ms percentiles)."""
@@ -218,9 +259,11 @@ class Clock:
 
 def window(label: str, be: S.BeRunner | None, lc_one: Callable[[], float] | None,
            args: argparse.Namespace, out_dir: Path, lc_streams: set[int],
-           arb: GpuArbiter | None = None) -> dict[str, Any]:
-    """One config's profiled window (after --warm LC requests or 0.3 s of BE);
-    with ``arb``, LC's arrivals are logged and the idle before each split."""
+           arb: GpuArbiter | None = None, arrivals_too: bool = False) -> dict[str, Any]:
+    """One config's window (after --warm LC requests or 0.3 s of BE),
+    profiled, or with --events timed by ``arb``'s events; with
+    ``arrivals_too``, LC's arrivals are logged and the idle before each split."""
+    events = args.events and arb is not None
     ctx = be if be is not None else contextlib.nullcontext()
     with ctx:
         if lc_one is not None:
@@ -229,9 +272,16 @@ def window(label: str, be: S.BeRunner | None, lc_one: Callable[[], float] | None
             time.sleep(0.3)
         steps0 = be.steps if be else 0
         p0 = S.pacer_stats(be.tenant) if be is not None and be.tenant is not None else {}
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-        offset = epoch_us_per_perf()
-        if arb is not None:
+        if events:
+            assert arb is not None
+            prof: Any = contextlib.nullcontext()
+            host0 = arb.trace_start()
+            offset = -host0 * 1e6
+        else:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            offset = epoch_us_per_perf()
+        if arrivals_too:
+            assert arb is not None
             arb.arrive_log = []
         with Clock() as clk, prof:
             t0 = time.perf_counter()
@@ -243,16 +293,25 @@ def window(label: str, be: S.BeRunner | None, lc_one: Callable[[], float] | None
             dt = time.perf_counter() - t0
             steps = (be.steps - steps0) if be else 0
             p1 = S.pacer_stats(be.tenant) if p0 else {}
-        arrivals = arb.arrive_log if arb is not None else None
-        if arb is not None:
+        arrivals = arb.arrive_log if arrivals_too and arb is not None else None
+        if arrivals_too and arb is not None:
             arb.arrive_log = None
     torch.cuda.synchronize()
-    path = out_dir / f"{label}.json"
-    prof.export_chrome_trace(str(path))
-    trace = json.loads(path.read_text())
-    tl = summarize(trace, steps, lc_streams)
+    if events:
+        assert arb is not None
+        ks, be_atoms = event_spans(arb.trace_stop(), host0)
+        lc_streams = {EV_LC}
+    elif args.events:
+        ks = []                 # a direct run: nothing to time it with
+    else:
+        path = out_dir / f"{label}.json"
+        prof.export_chrome_trace(str(path))
+        ks = kernels_epoch_us(json.loads(path.read_text()))
+    tl = summarize(ks, steps, lc_streams)
+    if events:
+        tl["be_idle"] = be_idle(be_atoms, [(a, b) for a, b, st in ks if st == EV_LC])
     if arrivals:
-        tl["before_lc"] = idle_before_lc(kernels_epoch_us(trace), lc_streams, arrivals, offset)
+        tl["before_lc"] = idle_before_lc(ks, lc_streams, arrivals, offset)
     r = {"config": label, "seconds": round(dt, 4), "be_steps_per_s": round(steps / dt, 2),
          "sm_mhz": clk.mean(), "timeline": tl}
     if lat:
@@ -275,6 +334,9 @@ def main() -> int:
     ap.add_argument("--period-ms", type=float, default=5.0)
     ap.add_argument("--warm", type=int, default=40)
     ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--events", action="store_true",
+                    help="time BE atoms and LC requests with events, not the profiler "
+                         "(no CUPTI cost per driver call; no per-kernel detail)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     knobs = S.parse_knobs(args.knob)
@@ -295,19 +357,20 @@ def main() -> int:
         try:
             runs.append(window(f"lake-be-alone-{budget:.0f}us",
                                S.BeRunner(be, arb=arb, tenant=tb), None, args, out_dir,
-                               set()))
+                               set(), arb))
         finally:
             arb.remove_tenant(tb)
     arb.knobs.idle_atom_us = idle
     tl = arb.add_tenant(TenantSpec(f"lc-{lc.name}", "LC", 0, kind="model"))
     tl.allow_partition = False
-    runs.append(window("lake-lc-alone", None, S.lake_lc(arb, tl, lc), args, out_dir, set()))
+    runs.append(window("lake-lc-alone", None, S.lake_lc(arb, tl, lc), args, out_dir, set(),
+                       arb))
     lc_streams = {int(k) for k in runs[-1]["timeline"].get("streams", {})}
     tb = arb.add_tenant(TenantSpec(f"be-{be.name}", "BE", 0, kind="job"))
     try:
         arb.plan_log = []
         runs.append(window("lake", S.BeRunner(be, arb=arb, tenant=tb),
-                           S.lake_lc(arb, tl, lc), args, out_dir, lc_streams, arb))
+                           S.lake_lc(arb, tl, lc), args, out_dir, lc_streams, arb, True))
         runs[-1]["plans"] = plans(arb.plan_log)
         print(f"  plans: {json.dumps(runs[-1]['plans'])}", flush=True)
         arb.plan_log = None

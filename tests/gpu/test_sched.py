@@ -524,6 +524,38 @@ def test_only_pieces_queued_ahead_of_the_gpu_teach_a_rate(arb) -> None:  # type:
         arb.remove_tenant(be)
 
 
+def test_trace_times_each_atom_and_request_on_the_gpu(arb) -> None:  # type: ignore[no-untyped-def]
+    """trace_start/trace_stop (timeline_be.py --events): one span per BE atom
+    and per LC request, as long as their GPU work, in order, each starting
+    after the host queued it."""
+    from laked.sched.atoms import RowOp
+    from laked.tenants import TenantSpec
+    be = arb.add_tenant(TenantSpec("t-trace", "BE", 0, kind="job"))
+    lc, _ = _lc_gemm(arb, "t-trace-lc")
+
+    def spin(i0: int, i1: int) -> None:
+        torch.cuda._sleep(_spin_cycles(1.0))        # >= 1 ms at any clock
+    try:
+        arb.run_be(be, iter([RowOp(64, spin)]), threading.Event())      # warm
+        host0 = arb.trace_start()
+        arb.run_be(be, iter([RowOp(64, spin) for _ in range(4)]), threading.Event())
+        arb.run_lc(lc, lambda: torch.cuda._sleep(_spin_cycles(1.0)))
+        spans = arb.trace_stop()
+        atoms = spans["be"]["t-trace"]
+        assert len(atoms) == 4 and len(spans["lc"]) == 1, spans
+        for i, (a, b, host) in enumerate(atoms):
+            assert 0.0009 < b - a < 0.02, atoms
+            assert host - host0 < a + 1e-4, (host - host0, a)   # queued before it ran
+            if i:
+                assert a >= atoms[i - 1][1] - 1e-6, atoms          # one stream: in order
+        (a, b), = spans["lc"]
+        assert 0.0009 < b - a < 0.02 and a >= atoms[-1][1] - 1e-6, (spans["lc"], atoms)
+        assert be.pacer.trace is None and arb.lc_trace is None
+    finally:
+        arb.remove_tenant(be)
+        arb.remove_tenant(lc)
+
+
 def test_atomize_mode_gives_identical_results(arb) -> None:  # type: ignore[no-untyped-def]
     from laked.tenants import TenantSpec
     arb.knobs.idle_atom_us = arb.knobs.atom_us = 2.0     # tiny atoms: big ops are split

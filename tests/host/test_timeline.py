@@ -46,3 +46,25 @@ def test_unmapped_clocks_are_reported_not_split() -> None:
     ks = [(0, 100, BE), (200, 260, LC)]
     out = T.idle_before_lc(ks, {LC}, [(_us(150), _us(120))], -1e6)
     assert "ms" not in out and out["clocks_disagree_median_us"] > 3000
+
+
+def test_be_idle_is_cut_where_the_atom_was_queued() -> None:
+    be = [(0, 100, -50), (180, 300, 150),      # queued at 150: issuer late 50, waited 30
+          (305, 400, 0),                       # a 5 us gap: not idle
+          (600, 700, 390)]                     # LC ran 450-550: idle 400-450 and 550-600
+    lc = [(450, 550)]
+    out = T.be_idle(be, lc)
+    assert out["n"] == 2
+    assert out["issuer_late_ms"] == 0.05            # 100 -> 150
+    assert out["waited_ms"] == pytest.approx(0.08)  # 150 -> 180, and 550 -> 600
+
+
+def test_event_spans_become_kernels_on_two_streams_in_us() -> None:
+    spans = {"lc": [(0.0004, 0.0005), (0.001, 0.0)],          # an unfinished one is dropped
+             "be": {"a": [(0.0, 0.0003, 10.0001)], "b": [(0.0006, 0.0007, 10.0005)]}}
+    ks, be = T.event_spans(spans, 10.0)
+    assert ks == [(0.0, 300.0, 0), (400.0, 500.0, T.EV_LC), (600.0, 700.0, 0)]
+    assert [round(h, 3) for _, _, h in be] == [100.0, 500.0]
+    out = T.summarize(ks, 1, {T.EV_LC})
+    assert out["gpu_busy_share"] == pytest.approx(500 / 700, abs=1e-4)
+    assert out["idle_gaps_ms"]["before_lc"] == {"n": 1, "ms": 0.1}
