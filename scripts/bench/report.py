@@ -374,6 +374,36 @@ def timeline_section(d: Any) -> list[str]:
     return out
 
 
+def events_section(d: Any) -> list[str]:
+    """timeline_be.py --events beside profiled timelines: the idle before LC
+    split at the predicted and host arrival, BE's own idle at its queueing."""
+    if not d:
+        return []
+    head = ["run", "config", "BE steps/s", "GPU busy", "idle before LC, ms: dry / late / issue",
+            "idle BE to BE, ms: issuer late / waited", "BE ms/step", "LC p99 (ms)",
+            "arrival to LC's GPU start, us p50"]
+    out = ["### Where a training job's GPU time goes, without the profiler (`--events`)", "",
+           d["provenance"], ""] + [f"- {x}" for x in d.get("findings", [])]
+    out += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for st in d["sets"]:
+        for r in st["runs"]:
+            tl = r["timeline"]
+            if r["config"] == "lake-lc-alone" or "gpu_busy_share" not in tl:
+                continue
+            bl, bi = tl.get("before_lc", {}), tl.get("be_idle")
+            ms = bl.get("ms")
+            dry = (" / ".join(f"{ms[k]:.0f}" for k in ("queue_dry", "late", "issue")) if ms
+                   else _idle(tl, "before_lc"))
+            be = (f"{bi['issuer_late_ms']:.0f} / {bi['waited_ms']:.0f}" if bi and "waited_ms" in bi
+                  else _idle(tl, "be_be"))
+            a2k = bl.get("arrival_to_kernel_us", {}).get("p50")
+            out.append("| " + " | ".join([
+                st["label"], f"{st['lc']}+{st['be']} {r['config']}", f"{r['be_steps_per_s']:.0f}",
+                f"{tl['gpu_busy_share']:.2f}", dry, be, f(tl.get("be_kernel_ms_per_step"), 3),
+                f(r.get("lc_p99_ms"), 3), f"{a2k:.0f}" if a2k is not None else "-"]) + " |")
+    return out + [""]
+
+
 def duty_section(d: Any, main: Any) -> list[str]:
     """The lake rows at the current defaults beside the main table's (be_duty 1)."""
     if not d:
@@ -381,11 +411,11 @@ def duty_section(d: Any, main: Any) -> list[str]:
     old = {(r["lc_work"], r["be_work"]): r for r in (main or {}).get("runs", [])
            if r["config"] == "lake"}
     iso = _iso_p99(d)
-    out = ["### lake at the current defaults (`be_duty` 0.85 under the clock governor)", "",
+    out = ["### lake at the current defaults", "",
            f"The lake rows of {d.get('provenance', 'another run.')} Knobs: laked's defaults "
            f"(`be_duty` {d['knobs']['be_duty']}, `clock_slip` {d['knobs']['clock_slip']}). "
-           "Last columns: the main table's lake row (the previous default, `be_duty` 1), "
-           "and the time BE's atoms left the GPU idle.", "",
+           "Last columns: the main table's lake row (`be_duty` 1, LC's gate shut by a driver "
+           "call), and the time be_duty's gaps left the GPU idle.", "",
            "| LC+BE | isolated p99 (ms) | LC p50 / p99 (ms) | p99 / isolated | BE / solo | "
            "target | main table: p99 / isolated, BE | BE idle gaps (s) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -486,8 +516,16 @@ def main() -> int:
     lines += duty_section(load("sched_gpu_duty.json"), sched)
     lines += repeat_section(load("sched_gpu_duty_prev.json"), sched,
                             "lake at the defaults: the previous run")
+    lines += ab_section(load("gate_host_ab.json"),
+                        "LC's gate shut by a host store instead of a driver call, same machine, "
+                        "A/B")
+    lines += ab_section(load("be_duty_host_ab.json"),
+                        "`be_duty` once LC's gate is shut from the host, A/B")
+    lines += events_section(load("timeline_events.json"))
+    lines += ab_section(load("gil_switch_ab.json"),
+                        "A shorter GIL switch interval (`gil_switch_us`, tried, dropped), A/B")
     lines += ab_section(load("issuer_ab.json"),
-                        "This stop's pacer against main's, same machine, A/B")
+                        "The previous stop's pacer against main's then, same machine, A/B")
     lines += issue_section(load("issue_cost.json"))
     lines += ab_section(load("depth_ab.json"), "A deeper BE queue beside LC (`depth`), A/B")
     lines += ab_section(load("fill_hold_ab.json"),
