@@ -514,6 +514,8 @@ def main() -> int:
     sched = load("sched_gpu.json")
     lines += sched_section(sched)
     lines += duty_section(load("sched_gpu_duty.json"), sched)
+    lines += repeat_section(load("sched_gpu_duty_repeat.json"), sched,
+                            "lake at the defaults: conv and kernel INFER again")
     lines += repeat_section(load("sched_gpu_duty_prev.json"), sched,
                             "lake at the defaults: the previous run")
     lines += ab_section(load("gate_host_ab.json"),
