@@ -318,21 +318,21 @@ class GpuArbiter(Arbiter):
             n = self._next_request(t)           # before _arrive: BE parks on the next one
             self._arrive(t, t0)
             stream, cs = t.stream, t.stream.cuda_stream
-            tr = self.lc_trace
+            tr, tr_ev = self.lc_trace, self._trace_ev
             done = None
             try:
                 # the last request's open has run: its end event was waited for
                 self.gates.close_now(t.slot)
-                if tr is not None:
-                    tr.append((self._trace_ev.record(cs), None))
+                if tr is not None and tr_ev is not None:
+                    tr.append((tr_ev.record(cs), None))
                 try:
                     with using(stream, self.dev):
                         out = fn()
                 finally:
                     self.gates.open(t.slot, cs)
                     self._mark(t, cs, n)
-                    if tr is not None:
-                        tr[-1] = (tr[-1][0], self._trace_ev.record(cs))
+                    if tr is not None and tr_ev is not None:
+                        tr[-1] = (tr[-1][0], tr_ev.record(cs))
                     done = t.events.record(cs)
                 t.events.wait(done)
                 t.events.put(done)
@@ -342,6 +342,7 @@ class GpuArbiter(Arbiter):
                     # the next request's close_now must not race this open
                     with contextlib.suppress(RuntimeError):
                         t.events.wait(done)
+                    t.events.put(done)
                 raise
             finally:
                 self._leave(t)
@@ -519,7 +520,8 @@ class GpuArbiter(Arbiter):
         return host0
 
     def trace_stop(self) -> dict[str, Any]:
-        """Stop tracing (after the traced BE jobs ended) and return the spans
+        """Stop tracing (after the traced BE jobs ended, with no LC request
+        in flight: its events are destroyed here) and return the spans
         in seconds from the zero: {"lc": [(start, end)], "be": {tenant:
         [(start, end, host time queued)]}}."""
         ev, ref = self._trace_ev, self._trace_ref
