@@ -75,6 +75,15 @@ HOLD_POLL_S = 2e-3      # a held BE issuer looks again this often (LC's end wake
 MIN_WAIT_S = 20e-6
 
 
+@dataclass(slots=True)
+class _Trace:
+    """A trace in progress (GpuArbiter.trace_start): its events, their zero,
+    and each LC request's (start, end) events."""
+    ev: Events
+    ref: Any
+    lc: list[tuple[Any, Any]] = field(default_factory=list)
+
+
 @dataclass
 class GpuTenant(TenantState):
     slot: int = -1                        # LC: its gate
@@ -137,9 +146,7 @@ class GpuArbiter(Arbiter):
         # ... and every LC arrival: (host time, the arrival predicted for it)
         self.arrive_log: list[tuple[float, float]] | None = None
         # ... and each LC request's GPU span, as events (trace_start)
-        self.lc_trace: list[tuple[Any, Any]] | None = None
-        self._trace_ev: Events | None = None
-        self._trace_ref: Any = None
+        self._trace: _Trace | None = None
         self._lock = threading.Lock()
         # BE issuers holding for LC sleep on this until a request ends (a
         # polling issuer would take the GIL from LC's threads every wake)
@@ -318,21 +325,21 @@ class GpuArbiter(Arbiter):
             n = self._next_request(t)           # before _arrive: BE parks on the next one
             self._arrive(t, t0)
             stream, cs = t.stream, t.stream.cuda_stream
-            tr, tr_ev = self.lc_trace, self._trace_ev
+            tr = self._trace
             done = None
             try:
                 # the last request's open has run: its end event was waited for
                 self.gates.close_now(t.slot)
-                if tr is not None and tr_ev is not None:
-                    tr.append((tr_ev.record(cs), None))
+                if tr is not None:
+                    tr.lc.append((tr.ev.record(cs), None))
                 try:
                     with using(stream, self.dev):
                         out = fn()
                 finally:
                     self.gates.open(t.slot, cs)
                     self._mark(t, cs, n)
-                    if tr is not None and tr_ev is not None:
-                        tr[-1] = (tr[-1][0], tr_ev.record(cs))
+                    if tr is not None:
+                        tr.lc[-1] = (tr.lc[-1][0], tr.ev.record(cs))
                     done = t.events.record(cs)
                 t.events.wait(done)
                 t.events.put(done)
@@ -509,31 +516,36 @@ class GpuArbiter(Arbiter):
         """Time every BE atom and LC request on the GPU with events (no
         profiler, so the issuers pay ~2 us per atom, not CUPTI's per call).
         Returns the host time (perf_counter) of the spans' zero."""
-        ev = self._trace_ev = Events(timing=True, blocking=True)
-        ref = self._trace_ref = ev.record(raw_stream(self.dev))
+        ev = Events(timing=True, blocking=True)
+        ref = ev.record(raw_stream(self.dev))
         while not ev.done(ref):     # spin: a blocking wait's wake-up would skew the zero
             pass
         host0 = time.perf_counter()
         for p in self._pacers():
             p.trace, p.trace_ref = [], ref
-        self.lc_trace = []
+        self._trace = _Trace(ev, ref)
         return host0
+
+    @property
+    def lc_trace(self) -> list[tuple[Any, Any]] | None:
+        """The LC requests' events of the trace in progress (None: no trace)."""
+        return None if self._trace is None else self._trace.lc
 
     def trace_stop(self) -> dict[str, Any]:
         """Stop tracing (after the traced BE jobs ended, with no LC request
         in flight: its events are destroyed here) and return the spans
         in seconds from the zero: {"lc": [(start, end)], "be": {tenant:
         [(start, end, host time queued)]}}."""
-        ev, ref = self._trace_ev, self._trace_ref
-        assert ev is not None and self.lc_trace is not None
+        tr, self._trace = self._trace, None
+        assert tr is not None
+        ev, ref = tr.ev, tr.ref
         torch.cuda.synchronize()
         lc = []
-        for s, e in self.lc_trace:
+        for s, e in tr.lc:
             if e is not None:
                 lc.append((ev.elapsed_s(ref, s), ev.elapsed_s(ref, e)))
                 ev.put(e)
             ev.put(s)
-        self.lc_trace = None
         be = {}
         for p in self._pacers():
             p.reap()
@@ -541,7 +553,6 @@ class GpuArbiter(Arbiter):
             p.trace = p.trace_ref = None
         ev.put(ref)
         ev.close()
-        self._trace_ev = self._trace_ref = None
         return {"lc": lc, "be": be}
 
     def _pacers(self) -> list[Pacer]:

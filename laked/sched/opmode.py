@@ -60,10 +60,6 @@ class Split:
     guessed: bool = True          # est_row_s comes from FLOPs or bytes (bounds what is learned)
 
 
-def _nbytes(x: Any) -> int:
-    return x.nbytes if isinstance(x, torch.Tensor) else 0
-
-
 def _tensors(args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
     out = [a for a in args if isinstance(a, torch.Tensor)]
     out += [a for a in kwargs.values() if isinstance(a, torch.Tensor)]
@@ -175,7 +171,7 @@ def _pointwise(func: Any, args: Any, kwargs: dict[str, Any]) -> Split | None:
     def cut(a: Any, i0: int, i1: int) -> Any:
         return a.view(-1)[i0:i1] if isinstance(a, torch.Tensor) and a.numel() == n else a
     key = ("pw", str(func), tens[0].dtype)
-    est_row = 2 * sum(_nbytes(t) for t in tens) / n / BANDWIDTH
+    est_row = 2 * sum(t.nbytes for t in tens) / n / BANDWIDTH
     given = kwargs.get("out")
     rest = {k: v for k, v in kwargs.items() if k != "out"}
     if given is not None:                       # an .out overload: slices of its out

@@ -10,7 +10,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "docs" / "bench"
@@ -514,60 +514,62 @@ def main() -> int:
     sched = load("sched_gpu.json")
     lines += sched_section(sched)
     lines += duty_section(load("sched_gpu_duty.json"), sched)
-    lines += repeat_section(load("sched_gpu_duty_repeat.json"), sched,
-                            "lake at the defaults: conv and kernel INFER again")
-    lines += repeat_section(load("sched_gpu_duty_prev.json"), sched,
-                            "lake at the defaults: the previous run")
-    lines += ab_section(load("gate_host_ab.json"),
-                        "LC's gate shut by a host store instead of a driver call, same machine, "
-                        "A/B")
-    lines += ab_section(load("be_duty_host_ab.json"),
-                        "`be_duty` once LC's gate is shut from the host, A/B")
-    lines += events_section(load("timeline_events.json"))
-    lines += ab_section(load("gil_switch_ab.json"),
-                        "A shorter GIL switch interval (`gil_switch_us`, tried, dropped), A/B")
-    lines += ab_section(load("issuer_ab.json"),
-                        "The previous stop's pacer against main's then, same machine, A/B")
-    lines += issue_section(load("issue_cost.json"))
-    lines += ab_section(load("depth_ab.json"), "A deeper BE queue beside LC (`depth`), A/B")
-    lines += ab_section(load("fill_hold_ab.json"),
-                        "Issuing beside a running LC request, and filling the room with a cut "
-                        "op (tried, dropped), A/B")
-    lines += ab_section(load("be_duty_ab.json"),
-                        "BE's duty while LC is active (`be_duty`), fixed and governed, A/B")
-    lines += timeline_section(load("timeline_train.json"))
-    lines += ab_section(load("train_tried_ab.json"),
-                        "Training as BE: estimates, atom grouping and cutting, A/B (tried, "
-                        "dropped)")
-    lines += repeat_section(load("sched_gpu_repeat.json"), sched, "Another run, same code")
-    lines += repeat_section(load("sched_gpu_previous.json"), sched, "The previous table")
-    lines += ab_section(load("be_sms_ab.json"),
-                        "BE on fewer SMs while LC is active (`be_sms`, off by default), A/B")
-    lines += ab_section(load("be_sms_target_ab.json"),
-                        "`be_sms` with cuBLAS's SM count target, A/B")
-    lines += sm_target_section(load("sm_target.json"))
-    lines += power_section(load("power_sms.json"))
-    lines += ab_section(load("room_split_ab.json"),
-                        "Cutting an op to fill the room before LC's next request "
-                        "(branch exp/room-split, not landed), A/B")
-    lines += ab_section(load("kinfer_child_ab.json"),
-                        "Kernel INFER: lake.ko's side out of laked's process, INFER ends once "
-                        "done, A/B")
-    lines += ab_section(load("park_raw_child_ab.json"),
-                        "Parking behind kernel INFER (`park_raw`), with the kernel side out of "
-                        "process, A/B")
-    lines += ab_section(load("steady_atoms_ab.json"),
-                        "Longer BE atoms while LC keeps its rhythm (tried, dropped)")
-    lines += ab_section(load("park_raw_ab.json"),
-                        "Parking behind kernel INFER (`park_raw`), kernel side in process, A/B")
-    lines += ab_section(load("hold_wake_ab.json"),
-                        "When a held issuer wakes beside kernel INFER, A/B")
-    lines += ab_section(load("held_gil_ab.json"),
-                        "Keeping the GIL on LC's issue path (branch exp/held-gil, not landed), A/B")
-    lines += repeat_section(load("sched_gpu_branch.json"), load("sched_gpu_previous.json"),
-                            "Branch exp/held-gil: its full run (not landed)")
-    lines += graph_section(load("graph_partition.json"))
-    lines += trace_section(load("sched_gpu_trace.json"))
+    ab = ab_section
+
+    def rep(d: Any, title: str) -> list[str]:
+        return repeat_section(d, sched, title)
+
+    def branch(d: Any, title: str) -> list[str]:
+        return repeat_section(d, load("sched_gpu_previous.json"), title)
+
+    def untitled(section: Callable[[Any], list[str]]) -> Callable[[Any, str], list[str]]:
+        return lambda d, _title: section(d)
+
+    # (renderer, results file, title), in the page's order
+    sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
+        (rep, "sched_gpu_duty_repeat.json", "lake at the defaults: conv and kernel INFER again"),
+        (rep, "sched_gpu_duty_prev.json", "lake at the defaults: the previous run"),
+        (ab, "gate_host_ab.json",
+         "LC's gate shut by a host store instead of a driver call, same machine, A/B"),
+        (ab, "be_duty_host_ab.json", "`be_duty` once LC's gate is shut from the host, A/B"),
+        (untitled(events_section), "timeline_events.json", ""),
+        (ab, "gil_switch_ab.json",
+         "A shorter GIL switch interval (`gil_switch_us`, tried, dropped), A/B"),
+        (ab, "issuer_ab.json", "The previous stop's pacer against main's then, same machine, A/B"),
+        (untitled(issue_section), "issue_cost.json", ""),
+        (ab, "depth_ab.json", "A deeper BE queue beside LC (`depth`), A/B"),
+        (ab, "fill_hold_ab.json", "Issuing beside a running LC request, and filling the room "
+         "with a cut op (tried, dropped), A/B"),
+        (ab, "be_duty_ab.json",
+         "BE's duty while LC is active (`be_duty`), fixed and governed, A/B"),
+        (untitled(timeline_section), "timeline_train.json", ""),
+        (ab, "train_tried_ab.json",
+         "Training as BE: estimates, atom grouping and cutting, A/B (tried, dropped)"),
+        (rep, "sched_gpu_repeat.json", "Another run, same code"),
+        (rep, "sched_gpu_previous.json", "The previous table"),
+        (ab, "be_sms_ab.json",
+         "BE on fewer SMs while LC is active (`be_sms`, off by default), A/B"),
+        (ab, "be_sms_target_ab.json", "`be_sms` with cuBLAS's SM count target, A/B"),
+        (untitled(sm_target_section), "sm_target.json", ""),
+        (untitled(power_section), "power_sms.json", ""),
+        (ab, "room_split_ab.json", "Cutting an op to fill the room before LC's next request "
+         "(branch exp/room-split, not landed), A/B"),
+        (ab, "kinfer_child_ab.json", "Kernel INFER: lake.ko's side out of laked's process, "
+         "INFER ends once done, A/B"),
+        (ab, "park_raw_child_ab.json", "Parking behind kernel INFER (`park_raw`), with the "
+         "kernel side out of process, A/B"),
+        (ab, "steady_atoms_ab.json", "Longer BE atoms while LC keeps its rhythm (tried, dropped)"),
+        (ab, "park_raw_ab.json",
+         "Parking behind kernel INFER (`park_raw`), kernel side in process, A/B"),
+        (ab, "hold_wake_ab.json", "When a held issuer wakes beside kernel INFER, A/B"),
+        (ab, "held_gil_ab.json",
+         "Keeping the GIL on LC's issue path (branch exp/held-gil, not landed), A/B"),
+        (branch, "sched_gpu_branch.json", "Branch exp/held-gil: its full run (not landed)"),
+        (untitled(graph_section), "graph_partition.json", ""),
+        (untitled(trace_section), "sched_gpu_trace.json", ""),
+    ]
+    for render, name, title in sections:
+        lines += render(load(name), title)
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {ROOT / 'docs' / 'benchmarks.md'}")
     return 0
