@@ -453,7 +453,7 @@ class GpuArbiter(Arbiter):
                     kind = "cap"
                 slots = [s for t in ts if kind == "full" or t.partition is None
                          for s in t.gate_slots()]
-                return Plan(budget, kind, slots, park, v.recent)
+                return Plan(budget, kind, slots, park, v.recent, v.until_s - ask.queued_s)
             # LC runs or is due: sleep until a request ends, or until the
             # prediction is hold_us overdue (then decide() lets BE go)
             wait = HOLD_POLL_S if v.run_full else v.until_s + k.hold_us / 1e6

@@ -23,6 +23,8 @@ class Knobs:
     be_duty: float = 1.0            # BE's least share of GPU time while LC is active (1: all)
     clock_slip: float = 0.15        # ... governed to keep the SM clock >= f_max / (1 + this)
     clock_interval_s: float = 0.05  # how often the governor reads the SM clock
+    join_small: bool = True         # a small op may join the atom before it (pacer.py)
+    learn_whole: bool = True        # learn ops run whole's measured / estimated time
     depth: int = 4                  # BE atoms queued per tenant (gated: LC waits for one)
     quiet_s: float = 1.0            # an LC tenant this long without requests is idle
     slip: float = 1.1               # right-sizing: latency within slip x whole GPU

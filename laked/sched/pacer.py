@@ -9,7 +9,11 @@ flight, or holding while an LC request is about to arrive), and queues the
 gate waits that keep the atom from starting while LC work runs.
 
 Seconds per row of each split op are learned from timed atoms that ran
-with no LC request beside them, on the whole GPU.
+with no LC request beside them, on the whole GPU; so is the GPU time of
+ops run whole over their FLOP or byte estimate (``learn_whole``), per op
+and shape, since BE plans the room before LC's next request with it.  A
+small op past the budget joins the atom before it (``join_small``): a
+boundary costs the issuer more than the op's GPU time.
 """
 from __future__ import annotations
 
@@ -23,13 +27,15 @@ import torch
 
 from .blas import set_sm_target, sm_target_set
 from .fast import Events, raw_stream
-from .opmode import Split
+from .opmode import WHOLE_X, Split
 
 if TYPE_CHECKING:
     from .arbiter import GpuArbiter, GpuTenant
 
 SMALL_S = 20e-6      # ops estimated below this run without an atom boundary
 RATE_X = 4.0         # learned seconds per row stay within this factor of the guess
+MAX_SCALES = 1024    # learned op keys kept (a job with ever-new shapes starts over)
+JOIN_X = 0.25        # an op this share of a budget may join an atom past it (to WHOLE_X)
 
 
 @dataclass(slots=True)
@@ -40,7 +46,9 @@ class _Atom:
     lc_seq: int
     kind: str
     gap_s: float = 0.0           # be_duty's idle time queued after it
-    traced: tuple[Any, float] | None = None   # (start event, host time queued): trace only
+    start: Any = None            # event after its gate waits (trace, learning whole ops)
+    host: float = 0.0            # host time it was queued (trace)
+    whole: tuple[Any, float] | None = None    # (cost key, raw estimate): ops run whole
 
 
 class Pacer:
@@ -53,6 +61,9 @@ class Pacer:
         self.lock = threading.RLock()
         self.inflight: collections.deque[_Atom] = collections.deque()
         self.rates: dict[tuple[Any, ...], float] = {}
+        # measured / estimated time of atoms of ops run whole, by the op
+        # that opened the atom (FLOP and byte guesses miss by a steady factor)
+        self.scales: dict[tuple[Any, ...], float] = {}
         self.kind = "full"
         self.dev = arb.dev
         # blocking-sync events: an issuer waiting for room sleeps in the
@@ -62,6 +73,7 @@ class Pacer:
         self._open = False
         self._est = 0.0
         self._budget = 0.0
+        self._room = 0.0
         self._timing: tuple[Any, Any, int, float] | None = None
         self._seq = 0
         self._recent = False                     # the open atom runs beside active LC
@@ -77,7 +89,11 @@ class Pacer:
         # events timed against ``trace_ref``: (start, end, host time queued)
         self.trace: list[tuple[float, float, float]] | None = None
         self.trace_ref: Any = None
-        self._traced: tuple[Any, float] | None = None
+        self._start: Any = None
+        self._host = 0.0
+        self._whole: tuple[Any, ...] | None = None   # the open atom's cost key ...
+        self._raw = 0.0                                # ... and its ops' raw estimates
+        self._scale = 1.0
 
     # -- what the atomizers call ----------------------------------------------------
     def budget_hint(self) -> float:
@@ -96,12 +112,32 @@ class Pacer:
             self.memory_s += est_s
             return func(*args, **kwargs)
         with self.lock:
-            if not self._open or self._est + est_s > self._budget:
-                self._boundary(est_s)
+            est = est_s * self._scale
+            if not self._open or (self._est + est > self._budget and not self._joins(est)):
+                est = self._open_whole(func, args, est_s)
             out = func(*args, **kwargs)
-            self._est += est_s
-            self.memory_s += est_s
+            self._est += est
+            self._raw += est_s
+            self.memory_s += est
             return out
+
+    def _joins(self, est: float) -> bool:
+        """A small op past the budget joins the open atom (a boundary costs the
+        issuer more than the op's GPU time), within the room before LC."""
+        return (self.arb.knobs.join_small and est <= JOIN_X * self._budget
+                and self._est + est <= min(WHOLE_X * self._budget, self._room))
+
+    def _open_whole(self, func: Any, args: Any, est_s: float) -> float:
+        """Open an atom for an op run whole; its estimate, as learned so far."""
+        key = None
+        scale = 1.0
+        if self.arb.knobs.learn_whole:
+            key = (id(func), args[0].shape if args and isinstance(args[0], torch.Tensor)
+                   else None)
+            scale = self.scales.get(key, 1.0)
+        self._boundary(est_s * scale, timed=key is not None)
+        self._whole, self._raw, self._scale = key, 0.0, scale
+        return est_s * scale
 
     def run_split(self, plan: Split) -> None:
         with self.lock:
@@ -111,6 +147,7 @@ class Pacer:
             i = 0
             while i < plan.rows:
                 self._boundary()
+                self._whole, self._scale = None, 1.0
                 left = plan.rows - i
                 if self._budget == float("inf"):
                     n = left
@@ -131,7 +168,7 @@ class Pacer:
             self._budget = 0.0       # the next op starts a fresh atom
 
     # -- atoms ------------------------------------------------------------------------
-    def _boundary(self, need_s: float = 0.0) -> None:
+    def _boundary(self, need_s: float = 0.0, timed: bool = False) -> None:
         t0 = time.perf_counter()
         if self._open:
             self._close()
@@ -162,11 +199,13 @@ class Pacer:
             if self.arb.parks.park(stream, slot, want, deadline):
                 self.parked = (slot, want)
         self.arb.gates.wait(stream, slots)
-        if self.trace is not None:
-            self._traced = (self.tev.record(stream), time.perf_counter())
+        if timed or self.trace is not None:
+            self._start = self.tev.record(stream)
+            self._host = time.perf_counter() if self.trace is not None else 0.0
         self._open = True
         self._est = 0.0
         self._budget = plan.budget_s
+        self._room = plan.room_s
         self._recent = plan.recent
         self._seq = self.arb.lc_seq
         self.t.atoms += 1
@@ -192,10 +231,16 @@ class Pacer:
             # counts the issuer's too, and rates learned from such pieces
             # diverge (smaller pieces, more issuer time per row)
             timing = (timing[0], timing[1], 0, timing[3])
-        traced, self._traced = self._traced, None
-        end = (self.tev if timing is not None or traced else self.ev).record(stream)
-        self.inflight.append(_Atom(end, self._est, timing, self._seq, self.kind, gap, traced))
+        start, self._start = self._start, None
+        whole = None
+        if self._whole is not None and start is not None and not self.tev.done(start):
+            whole = (self._whole, self._raw)       # queued ahead of the GPU: learn
+        timed = timing is not None or start is not None
+        end = (self.tev if timed else self.ev).record(stream)
+        self.inflight.append(_Atom(end, self._est, timing, self._seq, self.kind, gap,
+                                   start, self._host, whole))
         self._timing = None
+        self._whole = None
         self._open = False
 
     def queued_s(self) -> float:
@@ -208,31 +253,35 @@ class Pacer:
         while self.inflight and self.ev.done(self.inflight[0].end):
             a = self.inflight.popleft()
             spent = a.est_s
+            undisturbed = (a.lc_seq == self.arb.lc_seq and not self.arb.lc_active
+                           and a.kind != "comp" and not a.gap_s)
             if a.timing is not None:
                 start, key, rows, guess = a.timing
                 spent = self.tev.elapsed_s(start, a.end) - a.gap_s
-                undisturbed = (a.lc_seq == self.arb.lc_seq and not self.arb.lc_active
-                               and a.kind != "comp" and not a.gap_s)
                 if undisturbed and rows and spent > 0:
-                    r = spent / rows
-                    if guess:
-                        # within RATE_X of the FLOP/byte guess: one bad
-                        # reading must not cut the op into slivers
-                        r = min(max(r, guess / RATE_X), guess * RATE_X)
-                    old = self.rates.get(key)
-                    self.rates[key] = r if old is None else 0.7 * old + 0.3 * r
+                    self.rates[key] = self._learn(self.rates.get(key), spent / rows, guess)
                 self.tev.put(start)
-            if a.traced is not None:
-                self._trace(a.traced, a.end)
-            (self.tev if a.timing is not None or a.traced else self.ev).put(a.end)
+            if a.start is not None:
+                if a.whole is not None and undisturbed and a.whole[1] > 0:
+                    spent = self.tev.elapsed_s(a.start, a.end)
+                    key, raw = a.whole
+                    if len(self.scales) >= MAX_SCALES and key not in self.scales:
+                        self.scales.clear()
+                    self.scales[key] = self._learn(self.scales.get(key), spent / raw, 1.0)
+                if self.trace is not None and a.host:
+                    self.trace.append((self.tev.elapsed_s(self.trace_ref, a.start),
+                                       self.tev.elapsed_s(self.trace_ref, a.end), a.host))
+                self.tev.put(a.start)
+            (self.tev if a.timing is not None or a.start is not None else self.ev).put(a.end)
             self.t.busy_s += spent
 
-    def _trace(self, traced: tuple[Any, float], end: Any) -> None:
-        start, host = traced
-        if self.trace is not None:
-            self.trace.append((self.tev.elapsed_s(self.trace_ref, start),
-                               self.tev.elapsed_s(self.trace_ref, end), host))
-        self.tev.put(start)
+    @staticmethod
+    def _learn(old: float | None, r: float, guess: float) -> float:
+        """A moving average of ``r``; within RATE_X of ``guess`` when there is
+        one: one bad reading must not cut an op into slivers."""
+        if guess:
+            r = min(max(r, guess / RATE_X), guess * RATE_X)
+        return r if old is None else 0.7 * old + 0.3 * r
 
     def wait_depth(self, depth: int) -> None:
         """Wait until fewer than ``depth`` atoms are in flight.  The wait is on

@@ -31,6 +31,7 @@ class Plan:
     slots: list[int]             # gates to wait on before the atom
     park: tuple[int, int, float] | None = None  # (counter, request, deadline) to wait for
     recent: bool = False         # an LC tenant is active (be_duty applies)
+    room_s: float = INF          # to the predicted LC arrival, less BE's queue
 
 
 @dataclass(slots=True)

@@ -100,7 +100,9 @@ def laked() -> Iterator[dict[str, Any]]:
 
 def _status(run: Path) -> dict[str, Any]:
     from laked import ctl
-    return ctl.call(run / "laked.sock", {"op": "status"}, 30)["status"]
+    reply = ctl.call(run / "laked.sock", {"op": "status"}, 30)
+    assert reply.get("ok"), reply
+    return reply["status"]
 
 
 def _client(laked: dict[str, Any], **kw: Any) -> Any:

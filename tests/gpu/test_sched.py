@@ -524,6 +524,68 @@ def test_only_pieces_queued_ahead_of_the_gpu_teach_a_rate(arb) -> None:  # type:
         arb.remove_tenant(be)
 
 
+def test_whole_ops_learn_their_gpu_time(arb) -> None:  # type: ignore[no-untyped-def]
+    """An op run whole is estimated from its FLOPs at a fixed rate; the pacer
+    learns the GPU's time over that estimate, per op and shape, from atoms
+    queued ahead of the GPU, and plans BE's queue (the room before LC) with it."""
+    from laked.sched.opmode import whole_seconds
+    from laked.tenants import TenantSpec
+    aten = torch.ops.aten
+    be = arb.add_tenant(TenantSpec("t-learn", "BE", 0, kind="job"))
+    a = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    est = whole_seconds(aten.addmm.default, (bias, a, w), {})
+    s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.addmm(bias, a, w)
+    s0.record()
+    for _ in range(20):
+        torch.addmm(bias, a, w)
+    s1.record()
+    torch.cuda.synchronize()
+    ratio = s0.elapsed_time(s1) / 1e3 / 20 / est
+    arb.knobs.idle_atom_us = 400.0          # no LC: the idle atom is the budget
+    try:
+        with arb.be(be):                    # each GEMM over the budget: an atom each
+            for _ in range(60):
+                torch.addmm(bias, a, w)
+        torch.cuda.synchronize()
+        learned = [v for k, v in be.pacer.scales.items() if k[0] == id(aten.addmm.default)]
+        assert len(learned) == 1, be.pacer.scales
+        assert abs(learned[0] / ratio - 1) < 0.2, (learned[0], ratio)
+    finally:
+        arb.knobs.idle_atom_us = 2000.0
+        arb.remove_tenant(be)
+
+
+def test_small_ops_join_the_atom_before_them(arb) -> None:  # type: ignore[no-untyped-def]
+    """A GEMM over the budget opens an atom; the ReLU after it (a few tens of
+    microseconds) joins that atom instead of costing the issuer a boundary."""
+    from laked.tenants import TenantSpec
+    be = arb.add_tenant(TenantSpec("t-join", "BE", 0, kind="job"))
+    a = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = torch.relu(a @ w)
+    atoms = {}
+    arb.knobs.learn_whole = False           # the FLOP estimate: over the 400 us budget
+    arb.knobs.idle_atom_us = 400.0
+    try:
+        for join in (False, True):
+            arb.knobs.join_small = join
+            atoms0 = be.atoms
+            with arb.be(be):
+                for _ in range(10):
+                    got = torch.relu(a @ w)
+            torch.cuda.synchronize()
+            atoms[join] = be.atoms - atoms0
+            assert torch.equal(got, ref)
+        assert atoms[False] >= 20 and atoms[True] <= 11, atoms
+    finally:
+        arb.knobs.join_small = arb.knobs.learn_whole = True
+        arb.knobs.idle_atom_us = 2000.0
+        arb.remove_tenant(be)
+
+
 def test_trace_times_each_atom_and_request_on_the_gpu(arb) -> None:  # type: ignore[no-untyped-def]
     """trace_start/trace_stop (timeline_be.py --events): one span per BE atom
     and per LC request, as long as their GPU work, in order, each starting
