@@ -413,7 +413,9 @@ def duty_section(d: Any, main: Any) -> list[str]:
     iso = _iso_p99(d)
     out = ["### lake at the current defaults", "",
            f"The lake rows of {d.get('provenance', 'another run.')} Knobs: laked's defaults "
-           f"(`be_duty` {d['knobs']['be_duty']}, `clock_slip` {d['knobs']['clock_slip']}). "
+           f"(`be_duty` {d['knobs']['be_duty']}, `clock_slip` {d['knobs']['clock_slip']}, "
+           f"`join_small` {d['knobs'].get('join_small', 'n/a')}, "
+           f"`learn_whole` {d['knobs'].get('learn_whole', 'n/a')}). "
            "Last columns: the main table's lake row (`be_duty` 1, LC's gate shut by a driver "
            "call), and the time be_duty's gaps left the GPU idle.", "",
            "| LC+BE | isolated p99 (ms) | LC p50 / p99 (ms) | p99 / isolated | BE / solo | "
@@ -527,8 +529,13 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
-        (rep, "sched_gpu_duty_repeat.json", "lake at the defaults: conv and kernel INFER again"),
-        (rep, "sched_gpu_duty_prev.json", "lake at the defaults: the previous run"),
+        (rep, "sched_gpu_duty_repeat.json",
+         "lake at the defaults: the training pairs and gemm+gemm again"),
+        (ab, "join_learn_ab.json",
+         "Small ops joining the atom before them, and learned whole-op estimates, A/B"),
+        (ab, "join_learn_parts_ab.json", "The same two changes one at a time (first version), A/B"),
+        (rep, "sched_gpu_duty_prev.json",
+         "The previous stop's defaults run (8fd9bdf: neither change)"),
         (ab, "gate_host_ab.json",
          "LC's gate shut by a host store instead of a driver call, same machine, A/B"),
         (ab, "be_duty_host_ab.json", "`be_duty` once LC's gate is shut from the host, A/B"),
