@@ -112,6 +112,8 @@ class Pacer:
             self.memory_s += est_s
             return func(*args, **kwargs)
         with self.lock:
+            # an op joining the open atom takes its opener's learned scale:
+            # the atom is timed and learned as one
             est = est_s * self._scale
             if not self._open or (self._est + est > self._budget and not self._joins(est)):
                 est = self._open_whole(func, args, est_s)

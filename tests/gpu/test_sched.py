@@ -671,7 +671,7 @@ def test_training_step_under_the_atomizer_matches(arb) -> None:  # type: ignore[
             got = step(m, x)
         torch.cuda.synchronize()
         assert be.atoms - atoms0 > 10
-        for r, g_ in zip(ref, got):
+        for r, g_ in zip(ref, got, strict=True):
             assert torch.allclose(r, g_, rtol=1e-5, atol=1e-6), (r - g_).abs().max()
     finally:
         arb.knobs.idle_atom_us, arb.knobs.atom_us = 2000.0, 400.0
