@@ -149,7 +149,6 @@ class Pacer:
             i = 0
             while i < plan.rows:
                 self._boundary()
-                self._whole, self._scale = None, 1.0
                 left = plan.rows - i
                 if self._budget == float("inf"):
                     n = left
