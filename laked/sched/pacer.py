@@ -42,11 +42,11 @@ JOIN_X = 0.25        # an op this share of a budget may join an atom past it (to
 class _Atom:
     end: Any                     # driver event after the atom
     est_s: float
-    timing: tuple[Any, Any, int, float] | None   # (start, cost key, rows, guess or 0)
+    timing: tuple[Any, int, float] | None   # a split piece: (cost key, rows, guess or 0)
     lc_seq: int
     kind: str
     gap_s: float = 0.0           # be_duty's idle time queued after it
-    start: Any = None            # event after its gate waits (trace, learning whole ops)
+    start: Any = None            # event after its gate waits (trace, learning)
     host: float = 0.0            # host time it was queued (trace)
     whole: tuple[Any, float] | None = None    # (cost key, raw estimate): ops run whole
 
@@ -74,7 +74,7 @@ class Pacer:
         self._est = 0.0
         self._budget = 0.0
         self._room = 0.0
-        self._timing: tuple[Any, Any, int, float] | None = None
+        self._timing: tuple[Any, int, float] | None = None
         self._seq = 0
         self._recent = False                     # the open atom runs beside active LC
         self.gap_s = 0.0                         # GPU time BE left idle (be_duty)
@@ -148,7 +148,7 @@ class Pacer:
                 ("full", plan.key), plan.est_row_s)
             i = 0
             while i < plan.rows:
-                self._boundary()
+                self._boundary(timed=True)
                 left = plan.rows - i
                 if self._budget == float("inf"):
                     n = left
@@ -156,9 +156,8 @@ class Pacer:
                     n = max(1, min(left, int(self._budget / per_row)))
                     if left - n < n // 4:        # no sliver of an atom at the end
                         n = left
-                start = self.tev.record(raw_stream(self.dev))
                 plan.piece(i, i + n)
-                self._timing = (start, (self.kind, plan.key), n,
+                self._timing = ((self.kind, plan.key), n,
                                 plan.est_row_s if plan.guessed else 0.0)
                 self._est = n * per_row
                 if plan.key[0] == "pw":
@@ -226,18 +225,16 @@ class Pacer:
             # duty under 1 comes from a reading, so there is one)
             torch.cuda._sleep(int(gap * self.arb.gov.mhz * 1e6))
             self.gap_s += gap
-        timing = self._timing
-        if timing is not None and self.tev.done(timing[0]):
-            # the GPU reached the piece before all of it was queued: its time
-            # counts the issuer's too, and rates learned from such pieces
-            # diverge (smaller pieces, more issuer time per row)
-            timing = (timing[0], timing[1], 0, timing[3])
         start, self._start = self._start, None
-        whole = None
-        if self._whole is not None and start is not None and not self.tev.done(start):
-            whole = (self._whole, self._raw)       # queued ahead of the GPU: learn
-        timed = timing is not None or start is not None
-        end = (self.tev if timed else self.ev).record(stream)
+        # the GPU reached an atom's start before all of it was queued: its
+        # time counts the issuer's too, and rates learned from such atoms
+        # diverge (smaller pieces, more issuer time per row)
+        ahead = start is not None and not self.tev.done(start)
+        timing = self._timing
+        if timing is not None and not ahead:
+            timing = (timing[0], 0, timing[2])
+        whole = (self._whole, self._raw) if self._whole is not None and ahead else None
+        end = (self.tev if start is not None else self.ev).record(stream)
         self.inflight.append(_Atom(end, self._est, timing, self._seq, self.kind, gap,
                                    start, self._host, whole))
         self._timing = None
@@ -256,13 +253,12 @@ class Pacer:
             spent = a.est_s
             undisturbed = (a.lc_seq == self.arb.lc_seq and not self.arb.lc_active
                            and a.kind != "comp" and not a.gap_s)
-            if a.timing is not None:
-                start, key, rows, guess = a.timing
-                spent = self.tev.elapsed_s(start, a.end) - a.gap_s
-                if undisturbed and rows and spent > 0:
-                    self.rates[key] = self._learn(self.rates.get(key), spent / rows, guess)
-                self.tev.put(start)
             if a.start is not None:
+                if a.timing is not None:
+                    key, rows, guess = a.timing
+                    spent = self.tev.elapsed_s(a.start, a.end) - a.gap_s
+                    if undisturbed and rows and spent > 0:
+                        self.rates[key] = self._learn(self.rates.get(key), spent / rows, guess)
                 if a.whole is not None and undisturbed and a.whole[1] > 0:
                     spent = self.tev.elapsed_s(a.start, a.end)
                     key, raw = a.whole
@@ -273,7 +269,7 @@ class Pacer:
                     self.trace.append((self.tev.elapsed_s(self.trace_ref, a.start),
                                        self.tev.elapsed_s(self.trace_ref, a.end), a.host))
                 self.tev.put(a.start)
-            (self.tev if a.timing is not None or a.start is not None else self.ev).put(a.end)
+            (self.tev if a.start is not None else self.ev).put(a.end)
             self.t.busy_s += spent
 
     @staticmethod
