@@ -322,6 +322,35 @@ def ab_section(d: Any, title: str) -> list[str]:
     return out + [""]
 
 
+def variants_section(d: Any, title: str) -> list[str]:
+    """Variants run interleaved in one process (sched_gpu.py --variant/--reps):
+    every sample, and the median of each, per pair and variant."""
+    if not d:
+        return []
+    by: dict[tuple[str, str, str], list[Any]] = {}
+    for r in d["runs"]:
+        if r["config"] == "lake" and "variant" in r:
+            by.setdefault((r["lc_work"], r["be_work"], r["variant"]), []).append(r)
+    order = list(dict.fromkeys(r["variant"] for r in d["runs"] if "variant" in r))
+    iso: dict[str, list[float]] = {}
+    for r in d["runs"]:
+        if r["config"] == "isolated-lc":
+            iso.setdefault(r["lc_work"], []).append(r["lc"]["p99_ms"])
+    out = [f"### {title}", "", _provenance(d) + "Isolated p99: one per process.", "",
+           "| LC+BE | isolated p99 (ms) | variant | p99 / isolated, each run | median | "
+           "BE / solo, each run | median | target met |",
+           "|" + " --- |" * 8]
+    for (lc, be, v), rs in sorted(by.items(), key=lambda x: (x[0][0], x[0][1],
+                                                             order.index(x[0][2]))):
+        p99 = [r["lc_p99_ratio"] for r in rs]
+        bes = [r["be_ratio"] for r in rs]
+        out.append(f"| {lc}+{be} | {', '.join(f(x, 3) for x in iso.get(lc, []))} | {v} | "
+                   f"{', '.join(f(x, 3) for x in p99)} | {f(statistics.median(p99), 3)}x | "
+                   f"{', '.join(f(x, 3) for x in bes)} | {f(statistics.median(bes), 3)} | "
+                   f"{sum(map(_met, rs))} of {len(rs)} |")
+    return out + [""]
+
+
 def _idle(tl: dict[str, Any], kind: str) -> str:
     g = tl.get("idle_gaps_ms", {}).get(kind)
     return f"{g['ms']:.0f} ({g['n']})" if g else "-"
@@ -529,6 +558,12 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
+        (variants_section, "sched_gpu_reps.json",
+         "lake at the defaults, every pair three times in one process"),
+        (variants_section, "lead_ab.json",
+         "A lead before LC's predicted arrival (`lead_us`), interleaved A/B (not adopted)"),
+        (variants_section, "kinfer_gil_ab.json",
+         "Kernel INFER beside training: a shorter GIL switch interval, A/B (not adopted)"),
         (rep, "sched_gpu_duty_repeat.json",
          "lake at the defaults: the training pairs and gemm+gemm again"),
         (ab, "join_learn_ab.json",

@@ -46,9 +46,12 @@ if "--merge" not in sys.argv and "--ab" not in sys.argv:
     from laked.sched.arbiter import GpuArbiter
     from laked.sched.base import Tenancy
     from laked.sched.fast import Events, raw_stream
+    from laked.sched.knobs import Knobs
     from laked.tenants import TenantSpec
 
 SLO_X = 1.25
+# knobs the arbiter reads once, when it starts: a variant cannot change them
+INIT_KNOBS = {"gil_switch_us", "gate_timeout_ms", "reserve_mb", "energy_interval_s"}
 
 
 def nvml_reader(what: str) -> Callable[[], float]:
@@ -233,6 +236,23 @@ def parse_knobs(pairs: list[str]) -> dict[str, Any]:
     return knobs
 
 
+def parse_variants(specs: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """``--variant LABEL:NAME=VALUE,...`` arguments as (label, knob dict);
+    ``LABEL:`` alone is laked's defaults with --knob applied."""
+    out = []
+    for spec in specs:
+        label, sep, kvs = spec.partition(":")
+        if not sep or not label:
+            raise SystemExit(f"--variant: {spec!r} is not LABEL:NAME=VALUE,...")
+        kn = parse_knobs([kv for kv in kvs.split(",") if kv])
+        fixed = sorted(set(kn) & INIT_KNOBS)
+        if fixed:
+            raise SystemExit(f"--variant {label}: {', '.join(fixed)} take effect only when "
+                             "the arbiter starts (use --knob)")
+        out.append((label, kn))
+    return out
+
+
 def pctl(s: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(len(s) * q))]
 
@@ -282,9 +302,28 @@ def pacer_stats(t: Any) -> dict[str, float]:
             "boundary_s": round(p.boundary_s, 4), "lc_wait_s": round(p.lc_wait_s, 4)}
 
 
+def run_variants(lc: W.LcWork, bes: list[W.BeWork], arb: GpuArbiter, iso: dict[str, Any],
+                 args: argparse.Namespace, energy: Callable[[], float],
+                 streams: dict[str, Any]) -> list[dict[str, Any]]:
+    """The lake run of each pair of ``lc`` under each variant's knobs,
+    ``--reps`` times, interleaved (a drifting machine touches each alike)."""
+    base = dict(vars(arb.knobs))
+    out = []
+    try:
+        for rep in range(args.reps):
+            for be in bes:
+                for label, kn in args.variants:
+                    arb.knobs = Knobs.from_dict(base | kn)
+                    for r in run_pair(lc, be, arb, iso, args, energy, streams, label):
+                        out.append(r | {"variant": label, "rep": rep, "knobs_set": kn})
+    finally:
+        arb.knobs = Knobs.from_dict(base)
+    return out
+
+
 def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
-             args: argparse.Namespace, energy: Callable[[], float], streams: dict[str, Any]
-             ) -> list[dict[str, Any]]:
+             args: argparse.Namespace, energy: Callable[[], float], streams: dict[str, Any],
+             label: str = "") -> list[dict[str, Any]]:
     out = []
     hi, lo = streams["hi"], streams["lo"]
     if "shared" in args.configs:
@@ -325,8 +364,9 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
         slo = SLO_X * base["p99_ms"]
         r["goodput"] = sum(1 for x in r["lat_ms"] if x <= slo) / len(r["lat_ms"])
         r["be_ratio"] = r["be_steps_per_s"] / iso["be"][be.name]
-        print(f"  {lc.name:>4}+{be.name:<5} {r['config']:>7}: LC p50 {r['lc']['p50_ms']:.3f} "
-              f"p99 {r['lc']['p99_ms']:.3f} ms (x{r['lc_p50_ratio']:.2f}/x{r['lc_p99_ratio']:.2f})"
+        print(f"  {lc.name:>4}+{be.name:<5} {label or r['config']:>7}: LC p50 "
+              f"{r['lc']['p50_ms']:.3f} p99 {r['lc']['p99_ms']:.3f} ms "
+              f"(x{r['lc_p50_ratio']:.2f}/x{r['lc_p99_ratio']:.2f})"
               f" BE x{r['be_ratio']:.2f} goodput {r['goodput']:.3f}", flush=True)
     return out
 
@@ -344,6 +384,10 @@ def main() -> int:
                     help="images per conv request (64 was the table's before 2026-12-01)")
     ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                     help="scheduler knob (repeatable), e.g. atom_us=300")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:NAME=VALUE,...",
+                    help="lake only: run each pair under these knobs too (repeatable; "
+                    "'LABEL:' alone is the defaults), interleaved, --reps times")
+    ap.add_argument("--reps", type=int, default=1, help="with --variant: runs per variant")
     ap.add_argument("--be-seconds", type=float, default=3.0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "sched_gpu.json"))
     ap.add_argument("--plot", default="")
@@ -366,6 +410,9 @@ def main() -> int:
     if args.stall_s:
         faulthandler.dump_traceback_later(args.stall_s, exit=True)
     args.configs = args.configs.split(",")
+    args.variants = parse_variants(args.variant)
+    if args.variants:
+        args.configs = ["lake"]
     knobs = parse_knobs(args.knob)
     torch.backends.cudnn.benchmark = False
     energy = nvml_reader("energy_mj")
@@ -433,10 +480,14 @@ def main() -> int:
               f"{r_iso['lc']['p99_ms']:.3f} ms (eager {r_eager['lc']['p50_ms']:.3f}/"
               f"{r_eager['lc']['p99_ms']:.3f}); through the arbiter alone x"
               f"{r_alone['lc_p50_ratio']:.3f}/x{r_alone['lc_p99_ratio']:.3f}", flush=True)
-        for be in bes:
-            runs.extend(run_pair(lc, be, arb, il, args, energy, streams))
+        if args.variants:
+            runs.extend(run_variants(lc, bes, arb, il, args, energy, streams))
+        else:
+            for be in bes:
+                runs.extend(run_pair(lc, be, arb, il, args, energy, streams))
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "args": {k: v for k, v in vars(args).items()}, "knobs": vars(arb.knobs),
+           "args": {k: v for k, v in vars(args).items() if k != "variants"},
+           "knobs": vars(arb.knobs),
            "runs": [{k: v for k, v in r.items() if k != "lat_ms"} for r in runs],
            "scheduler": arb.status()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
