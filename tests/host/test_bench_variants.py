@@ -1,0 +1,47 @@
+"""sched_gpu.py's --variant parsing and report.py's table of interleaved runs (no GPU)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch", reason="the benchmark scripts import torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "bench"))
+
+import report as R  # noqa: E402
+import sched_gpu as S  # noqa: E402
+
+
+def test_variants_parse_into_labels_and_knobs() -> None:
+    got = S.parse_variants(["base:", "lead:lead_us=60,park=false", "deep:depth=6"])
+    assert got == [("base", {}), ("lead", {"lead_us": 60, "park": False}),
+                   ("deep", {"depth": 6})]
+
+
+@pytest.mark.parametrize("spec", ["base", ":lead_us=60", "g:gil_switch_us=10",
+                                  "r:depth=2,reserve_mb=10"])
+def test_a_variant_without_a_label_or_with_a_start_only_knob_is_refused(spec: str) -> None:
+    with pytest.raises(SystemExit, match="--variant"):
+        S.parse_variants([spec])
+
+
+def _run(variant: str, p99: float, be: float) -> dict[str, Any]:
+    return {"config": "lake", "lc_work": "gemm", "be_work": "train", "variant": variant,
+            "lc_p99_ratio": p99, "be_ratio": be}
+
+
+def test_variant_rows_show_every_run_the_medians_and_the_runs_that_met() -> None:
+    d = {"provenance": "test.",
+         "runs": [{"config": "isolated-lc", "lc_work": "gemm", "lc": {"p99_ms": 0.6}},
+                  _run("z", 1.30, 0.85), _run("a", 1.10, 0.79),
+                  _run("z", 1.20, 0.82), _run("a", 1.12, 0.81),
+                  _run("z", 1.24, 0.80), _run("a", 1.40, 0.83)]}
+    rows = [r for r in R.variants_section(d, "t") if r.startswith("| gemm+train")]
+    # in the order first run, not sorted by label
+    assert rows == [
+        "| gemm+train | 0.600 | z | 1.300, 1.200, 1.240 | 1.240x | 0.850, 0.820, 0.800 | "
+        "0.820 | 2 of 3 |",
+        "| gemm+train | 0.600 | a | 1.100, 1.120, 1.400 | 1.120x | 0.790, 0.810, 0.830 | "
+        "0.810 | 1 of 3 |"]
