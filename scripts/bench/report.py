@@ -560,6 +560,8 @@ def main() -> int:
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
         (variants_section, "sched_gpu_reps.json",
          "lake at the defaults, every pair three times in one process"),
+        (variants_section, "sched_gpu_reps2.json",
+         "The same, on another machine (training's BE lower on it)"),
         (variants_section, "lead_ab.json",
          "A lead before LC's predicted arrival (`lead_us`), interleaved A/B (not adopted)"),
         (variants_section, "kinfer_gil_ab.json",
