@@ -16,7 +16,9 @@ context it was captured on, whatever stream replays it, as
 probe_graph_part.py measured).  GC is paused while measuring.  Reports LC
 p50/p99 and their ratios to isolated, BE throughput ratio to solo, LC goodput (share within
 1.25x isolated p99), GPU energy per LC request (BE's included), per-tenant
-energy (lake), and writes JSON (+ a plot with --plot).
+energy (lake), and writes JSON (+ a plot with --plot).  With --variant (and
+--reps) each pair runs through lake alone, under every knob set in turn, so
+variants meet the same machine state (single runs move p99 by about 0.1x).
 """
 from __future__ import annotations
 
@@ -385,8 +387,8 @@ def main() -> int:
     ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                     help="scheduler knob (repeatable), e.g. atom_us=300")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:NAME=VALUE,...",
-                    help="lake only: run each pair under these knobs too (repeatable; "
-                    "'LABEL:' alone is the defaults), interleaved, --reps times")
+                    help="run each pair through lake only, under each such knob set "
+                    "(repeatable; 'LABEL:' alone is the defaults), interleaved, --reps times")
     ap.add_argument("--reps", type=int, default=1, help="with --variant: runs per variant")
     ap.add_argument("--be-seconds", type=float, default=3.0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "sched_gpu.json"))
