@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+# knobs the GPU arbiter reads once, when it starts (the rest are read as used)
+AT_START = frozenset({"gil_switch_us", "gate_timeout_ms", "reserve_mb"})
+
 
 @dataclass
 class Knobs:

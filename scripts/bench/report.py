@@ -327,21 +327,18 @@ def variants_section(d: Any, title: str) -> list[str]:
     every sample, and the median of each, per pair and variant."""
     if not d:
         return []
-    by: dict[tuple[str, str, str], list[Any]] = {}
+    by: dict[tuple[str, str, str], list[Any]] = {}     # in the order first run
+    iso: dict[str, list[float]] = {}
     for r in d["runs"]:
         if r["config"] == "lake" and "variant" in r:
             by.setdefault((r["lc_work"], r["be_work"], r["variant"]), []).append(r)
-    order = list(dict.fromkeys(r["variant"] for r in d["runs"] if "variant" in r))
-    iso: dict[str, list[float]] = {}
-    for r in d["runs"]:
-        if r["config"] == "isolated-lc":
+        elif r["config"] == "isolated-lc":
             iso.setdefault(r["lc_work"], []).append(r["lc"]["p99_ms"])
     out = [f"### {title}", "", _provenance(d) + "Isolated p99: one per process.", "",
            "| LC+BE | isolated p99 (ms) | variant | p99 / isolated, each run | median | "
            "BE / solo, each run | median | target met |",
            "|" + " --- |" * 8]
-    for (lc, be, v), rs in sorted(by.items(), key=lambda x: (x[0][0], x[0][1],
-                                                             order.index(x[0][2]))):
+    for (lc, be, v), rs in sorted(by.items(), key=lambda x: x[0][:2]):   # stable
         p99 = [r["lc_p99_ratio"] for r in rs]
         bes = [r["be_ratio"] for r in rs]
         out.append(f"| {lc}+{be} | {', '.join(f(x, 3) for x in iso.get(lc, []))} | {v} | "

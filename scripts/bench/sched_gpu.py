@@ -48,12 +48,11 @@ if "--merge" not in sys.argv and "--ab" not in sys.argv:
     from laked.sched.arbiter import GpuArbiter
     from laked.sched.base import Tenancy
     from laked.sched.fast import Events, raw_stream
-    from laked.sched.knobs import Knobs
     from laked.tenants import TenantSpec
 
+from laked.sched.knobs import AT_START, Knobs  # noqa: E402 - pure: no torch
+
 SLO_X = 1.25
-# knobs the arbiter reads once, when it starts: a variant cannot change them
-INIT_KNOBS = {"gil_switch_us", "gate_timeout_ms", "reserve_mb", "energy_interval_s"}
 
 
 def nvml_reader(what: str) -> Callable[[], float]:
@@ -247,7 +246,7 @@ def parse_variants(specs: list[str]) -> list[tuple[str, dict[str, Any]]]:
         if not sep or not label:
             raise SystemExit(f"--variant: {spec!r} is not LABEL:NAME=VALUE,...")
         kn = parse_knobs([kv for kv in kvs.split(",") if kv])
-        fixed = sorted(set(kn) & INIT_KNOBS)
+        fixed = sorted(set(kn) & AT_START)
         if fixed:
             raise SystemExit(f"--variant {label}: {', '.join(fixed)} take effect only when "
                              "the arbiter starts (use --knob)")
@@ -304,9 +303,9 @@ def pacer_stats(t: Any) -> dict[str, float]:
             "boundary_s": round(p.boundary_s, 4), "lc_wait_s": round(p.lc_wait_s, 4)}
 
 
-def run_variants(lc: W.LcWork, bes: list[W.BeWork], arb: GpuArbiter, iso: dict[str, Any],
-                 args: argparse.Namespace, energy: Callable[[], float],
-                 streams: dict[str, Any]) -> list[dict[str, Any]]:
+def run_variants(lc: W.LcWork, bes: list[W.BeWork], variants: list[tuple[str, dict[str, Any]]],
+                 arb: GpuArbiter, iso: dict[str, Any], args: argparse.Namespace,
+                 energy: Callable[[], float], streams: dict[str, Any]) -> list[dict[str, Any]]:
     """The lake run of each pair of ``lc`` under each variant's knobs,
     ``--reps`` times, interleaved (a drifting machine touches each alike)."""
     base = dict(vars(arb.knobs))
@@ -314,7 +313,7 @@ def run_variants(lc: W.LcWork, bes: list[W.BeWork], arb: GpuArbiter, iso: dict[s
     try:
         for rep in range(args.reps):
             for be in bes:
-                for label, kn in args.variants:
+                for label, kn in variants:
                     arb.knobs = Knobs.from_dict(base | kn)
                     for r in run_pair(lc, be, arb, iso, args, energy, streams, label):
                         out.append(r | {"variant": label, "rep": rep, "knobs_set": kn})
@@ -412,8 +411,8 @@ def main() -> int:
     if args.stall_s:
         faulthandler.dump_traceback_later(args.stall_s, exit=True)
     args.configs = args.configs.split(",")
-    args.variants = parse_variants(args.variant)
-    if args.variants:
+    variants = parse_variants(args.variant)
+    if variants:
         args.configs = ["lake"]
     knobs = parse_knobs(args.knob)
     torch.backends.cudnn.benchmark = False
@@ -482,14 +481,13 @@ def main() -> int:
               f"{r_iso['lc']['p99_ms']:.3f} ms (eager {r_eager['lc']['p50_ms']:.3f}/"
               f"{r_eager['lc']['p99_ms']:.3f}); through the arbiter alone x"
               f"{r_alone['lc_p50_ratio']:.3f}/x{r_alone['lc_p99_ratio']:.3f}", flush=True)
-        if args.variants:
-            runs.extend(run_variants(lc, bes, arb, il, args, energy, streams))
+        if variants:
+            runs.extend(run_variants(lc, bes, variants, arb, il, args, energy, streams))
         else:
             for be in bes:
                 runs.extend(run_pair(lc, be, arb, il, args, energy, streams))
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "args": {k: v for k, v in vars(args).items() if k != "variants"},
-           "knobs": vars(arb.knobs),
+           "args": {k: v for k, v in vars(args).items()}, "knobs": vars(arb.knobs),
            "runs": [{k: v for k, v in r.items() if k != "lat_ms"} for r in runs],
            "scheduler": arb.status()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
