@@ -63,7 +63,7 @@ from .fast import Events, ensure_ctx, ensure_thread, raw_stream, set_primary, us
 from .pacer import Pacer
 from .park import MASK, Parks
 from .partition import Partition, Partitions, check
-from .plan import Ask, LcView, Plan, decide, next_due
+from .plan import INF, Ask, LcView, Plan, decide, next_due
 from .rightsize import KernelModel
 from .tenancy import GpuTenancy
 
@@ -418,6 +418,18 @@ class GpuArbiter(Arbiter):
         """An LC request runs, or one ended within ``quiet_s`` (no waiting)."""
         return bool(self.lc_active) or (time.perf_counter() - self.last_lc < self.knobs.quiet_s
                                         and bool(self.lc_tenants()))
+
+    def room_hint(self, p: Pacer) -> float:
+        """The room before the next predicted LC arrival on the whole GPU, less
+        ``p``'s queue (no waiting); inf when no such arrival bounds BE's next atom."""
+        ts = self.lc_tenants()
+        if not ts or p.parked is not None:
+            return INF
+        v = self._lc_view(ts, time.perf_counter())
+        if not v.recent or v.run_full or v.run_part or v.until_part:
+            return INF
+        p.reap()
+        return v.until_s - p.queued_s()
 
     def budget_hint(self) -> float:
         """Cheap guess of the next atom budget (no waiting, no holds)."""

@@ -28,6 +28,7 @@ class Knobs:
     clock_interval_s: float = 0.05  # how often the governor reads the SM clock
     join_small: bool = True         # a small op may join the atom before it (pacer.py)
     learn_whole: bool = True        # learn ops run whole's measured / estimated time
+    fill_pointwise: bool = True     # cut a pointwise op to fill the room before LC
     depth: int = 4                  # BE atoms queued per tenant (gated: LC waits for one)
     quiet_s: float = 1.0            # an LC tenant this long without requests is idle
     slip: float = 1.1               # right-sizing: latency within slip x whole GPU

@@ -11,7 +11,10 @@ that launches GPU work goes through the tenant's ``Pacer``:
   piece writes a disjoint slice of one output, so the result is the whole
   op's (tests/gpu check it);
 - other ops are grouped: consecutive small ops form one atom until their
-  estimated time reaches the atom budget.
+  estimated time reaches the atom budget;
+- an op up to 1.5 budgets runs whole, except a pointwise op that does not
+  fit the room before LC's next predicted request: its first piece fills
+  that room (``fill_pointwise``, Pacer.fill_s).
 View and metadata ops, and ops on CPU tensors, pass straight through.
 Costs are estimated from FLOPs or bytes and refined from measured atoms.
 """
@@ -255,12 +258,15 @@ class AtomizeMode(TorchDispatchMode):
         if what == SPLIT:
             est = _whole(name, args, kwargs)
             # an op up to half again an atom is an atom already: splitting it
-            # would cost more Python than the wait it saves LC
+            # would cost more Python than the wait it saves LC (unless it
+            # fills the room before LC's next request: Pacer.fill_s)
+            fill = 0.0
             if est <= WHOLE_X * p.budget_hint():
-                return p.run_op(func, args, kwargs, est)
+                if splitter is not _pointwise or not (fill := p.fill_s(func, args, est)):
+                    return p.run_op(func, args, kwargs, est)
             plan = splitter(func, args, kwargs)
             if plan is not None:
-                p.run_split(plan)
+                p.run_split(plan, fill)
                 return plan.result
             return p.run_op(func, args, kwargs, est)
         return p.run_op(func, args, kwargs, est_seconds(args, kwargs))

@@ -36,6 +36,8 @@ SMALL_S = 20e-6      # ops estimated below this run without an atom boundary
 RATE_X = 4.0         # learned seconds per row stay within this factor of the guess
 MAX_SCALES = 1024    # learned op keys kept (a job with ever-new shapes starts over)
 JOIN_X = 0.25        # an op this share of a budget may join an atom past it (to WHOLE_X)
+FILL_S = 100e-6      # fill_pointwise: a shorter room is not worth a cut
+FILL_X = 0.8         # ... nor one the op nearly fits (the cut would leave a sliver)
 
 
 @dataclass(slots=True)
@@ -129,23 +131,42 @@ class Pacer:
         return (self.arb.knobs.join_small and est <= JOIN_X * self._budget
                 and self._est + est <= min(WHOLE_X * self._budget, self._room))
 
+    def _scale_of(self, func: Any, args: Any) -> tuple[tuple[Any, ...] | None, float]:
+        """An op run whole's learned-scale key and scale (None, 1: not learning)."""
+        if not self.arb.knobs.learn_whole:
+            return None, 1.0
+        key = (id(func), args[0].shape if args and isinstance(args[0], torch.Tensor) else None)
+        return key, self.scales.get(key, 1.0)
+
     def _open_whole(self, func: Any, args: Any, est_s: float) -> float:
         """Open an atom for an op run whole; its estimate, as learned so far."""
-        key = None
-        scale = 1.0
-        if self.arb.knobs.learn_whole:
-            key = (id(func), args[0].shape if args and isinstance(args[0], torch.Tensor)
-                   else None)
-            scale = self.scales.get(key, 1.0)
+        key, scale = self._scale_of(func, args)
         self._boundary(est_s * scale, timed=key is not None)
         self._whole, self._raw, self._scale = key, 0.0, scale
         return est_s * scale
 
-    def run_split(self, plan: Split) -> None:
+    def fill_s(self, func: Any, args: Any, est_s: float) -> float:
+        """``fill_pointwise``: the op's seconds (as learned) when it would run
+        whole but does not fit the room before LC's next predicted request
+        while a cut of FILL_S or more does; 0 otherwise.  A pointwise op's
+        time goes with its bytes, so a piece sized to the room ends in it;
+        parked whole, the op left the GPU idle for that room (about half an
+        op a request beside a memory-bound job)."""
+        if est_s < FILL_S or not self.arb.knobs.fill_pointwise:
+            return 0.0          # cheap first: every pointwise op comes here
+        with self.lock:
+            need = est_s * self._scale_of(func, args)[1]
+            room = self.arb.room_hint(self)
+            return need if FILL_S <= room <= FILL_X * need else 0.0
+
+    def run_split(self, plan: Split, whole_s: float = 0.0) -> None:
+        """``plan`` piece by piece; ``whole_s``: the op's seconds as learned
+        run whole (fill_s), which sizes its pieces instead of a piece rate."""
         with self.lock:
             # rows cost more on fewer SMs (be_sms): rates are learned per kind
-            per_row = self.rates.get((self.kind, plan.key)) or self.rates.get(
-                ("full", plan.key), plan.est_row_s)
+            per_row = whole_s / plan.rows if whole_s else (
+                self.rates.get((self.kind, plan.key)) or
+                self.rates.get(("full", plan.key), plan.est_row_s))
             i = 0
             while i < plan.rows:
                 self._boundary(timed=True)

@@ -334,7 +334,10 @@ def variants_section(d: Any, title: str) -> list[str]:
             by.setdefault((r["lc_work"], r["be_work"], r["variant"]), []).append(r)
         elif r["config"] == "isolated-lc":
             iso.setdefault(r["lc_work"], []).append(r["lc"]["p99_ms"])
-    out = [f"### {title}", "", _provenance(d) + "Isolated p99: one per process.", "",
+    per_rep = any(len(x) > 1 for x in iso.values())
+    how = ("one per rep, measured just before it; each run's ratio is to its rep's."
+           if per_rep else "one per process.")
+    out = [f"### {title}", "", _provenance(d) + "Isolated p99: " + how, "",
            "| LC+BE | isolated p99 (ms) | variant | p99 / isolated, each run | median | "
            "BE / solo, each run | median | target met |",
            "|" + " --- |" * 8]

@@ -45,3 +45,23 @@ def test_variant_rows_show_every_run_the_medians_and_the_runs_that_met() -> None
         "0.820 | 2 of 3 |",
         "| gemm+train | 0.600 | a | 1.100, 1.120, 1.400 | 1.120x | 0.790, 0.810, 0.830 | "
         "0.810 | 1 of 3 |"]
+
+
+def test_isolated_runs_of_each_rep_are_all_shown_and_named_so() -> None:
+    d = {"provenance": "test.",
+         "runs": [{"config": "isolated-lc", "lc_work": "gemm", "lc": {"p99_ms": 0.6}},
+                  _run("d", 1.30, 0.85),
+                  {"config": "isolated-lc", "lc_work": "gemm", "rep": 1, "lc": {"p99_ms": 0.7}},
+                  _run("d", 1.10, 0.83)]}
+    out = R.variants_section(d, "t")
+    assert "Isolated p99: one per rep, measured just before it" in out[2]
+    assert [r for r in out if r.startswith("| gemm+train")] == [
+        "| gemm+train | 0.600, 0.700 | d | 1.300, 1.100 | 1.200x | 0.850, 0.830 | 0.840 | "
+        "1 of 2 |"]
+
+
+def test_one_isolated_run_per_process_is_named_so() -> None:
+    d = {"provenance": "test.",
+         "runs": [{"config": "isolated-lc", "lc_work": "gemm", "lc": {"p99_ms": 0.6}},
+                  _run("d", 1.30, 0.85)]}
+    assert "Isolated p99: one per process." in R.variants_section(d, "t")[2]
