@@ -419,12 +419,18 @@ class GpuArbiter(Arbiter):
         return bool(self.lc_active) or (time.perf_counter() - self.last_lc < self.knobs.quiet_s
                                         and bool(self.lc_tenants()))
 
+    def _parked(self, p: Pacer) -> bool:
+        """An atom of ``p`` still waits on the GPU for an LC request."""
+        if p.parked is not None and not self.parks.pending(*p.parked):
+            p.parked = None             # LC passed it (or the host let it go)
+        return p.parked is not None
+
     def room_hint(self, p: Pacer) -> float:
         """The room before the next predicted LC arrival on the whole GPU, less
         ``p``'s queue (no waiting); inf when no such arrival bounds BE's next atom."""
         ts = self.lc_tenants()
-        if not ts or p.parked is not None:
-            return INF
+        if not ts or self._parked(p):
+            return INF          # its next atom goes after LC's request anyway
         v = self._lc_view(ts, time.perf_counter())
         if not v.recent or v.run_full or v.run_part or v.until_part:
             return INF
@@ -446,10 +452,8 @@ class GpuArbiter(Arbiter):
             now = time.perf_counter()
             ts = self.lc_tenants()          # one snapshot per plan
             v = self._lc_view(ts, now)
-            if p.parked is not None and not self.parks.pending(*p.parked):
-                p.parked = None             # LC passed it (or the host let it go)
             ask = Ask(p.queued_s(), bool(p.inflight), need_s, self.lc_seq != seq0,
-                      p.parked is not None)
+                      self._parked(p))
             got = decide(v, ask, k)
             if self.plan_log is not None:
                 self.plan_log.append((now, v.until_s, ask.queued_s, need_s, got))

@@ -686,33 +686,39 @@ def _due_in(arb, lc, s: float) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_a_pointwise_op_is_cut_to_fill_the_room_before_lc(arb) -> None:  # type: ignore[no-untyped-def]
-    """fill_pointwise: a pointwise op that would run whole (~0.4 ms, under
-    1.5 atoms) but does not fit the room before LC's predicted request is cut
-    so a first piece fills that room; the result is the whole op's.  Off, the
-    op waits whole behind the prediction."""
+    """fill_pointwise: a pointwise op that would run whole (~1.7 ms, under
+    1.5 atoms of 2 ms) but does not fit the room before LC's predicted request
+    is cut so a first piece fills that room; the result is the whole op's.
+    Off, the op waits whole behind the prediction.  (With no BE work queued
+    the room shrinks as the host runs: a room of a few hundred microseconds
+    is gone before the op's first piece is planned.)"""
     from laked.tenants import TenantSpec
     lc = arb.add_tenant(TenantSpec("t-fill-lc", "LC", 0, kind="model"))
     be = arb.add_tenant(TenantSpec("t-fill-be", "BE", 0, kind="job"))
-    x = torch.randn(1 << 28, device="cuda")      # 1 GiB: estimated ~0.43 ms
+    x = torch.randn(1 << 30, device="cuda")      # 4 GiB: estimated ~1.7 ms
     want = x * 0.5
-    atoms = {}
+    lc.allow_partition = False
+    atoms, rooms = {}, {}
     arb.knobs.learn_whole = False               # the byte estimate sizes it
+    arb.knobs.atom_us = 2000.0
     try:
-        for fill in (False, True):
+        for fill in (True, False):
             arb.knobs.fill_pointwise = fill
             torch.cuda.synchronize()
             n0 = be.atoms
             with arb.be(be):
                 # set here: entering the mode takes a good part of a room this short
-                _due_in(arb, lc, 0.25e-3)        # room for about half of it
+                _due_in(arb, lc, 1e-3)           # room for about half of it
+                rooms[fill] = arb.room_hint(be.pacer)
                 got = x * 0.5
             torch.cuda.synchronize()
             atoms[fill] = be.atoms - n0
             assert torch.equal(got, want)
-        assert atoms[False] == 1 and 2 <= atoms[True] <= 3, atoms
+        assert atoms[False] == 1 and 2 <= atoms[True] <= 3, (atoms, rooms)
     finally:
         arb.knobs.fill_pointwise = True
         arb.knobs.learn_whole = True
+        arb.knobs.atom_us = 400.0
         arb.last_lc = lc.last_start = lc.last_end = lc.due = 0.0
         arb.remove_tenant(lc)
         arb.remove_tenant(be)
