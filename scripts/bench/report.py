@@ -558,6 +558,13 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
+        (variants_section, "sched_gpu_reps3.json",
+         "lake at the defaults with `fill_pointwise`, every pair three times in one process"),
+        (variants_section, "sched_gpu_reps3_gemm.json",
+         "The same for gemm LC, once more"),
+        (variants_section, "fill_ab.json",
+         "Cutting a pointwise op to fill the room before LC (`fill_pointwise`), "
+         "interleaved A/B (adopted)"),
         (variants_section, "sched_gpu_reps.json",
          "lake at the defaults, every pair three times in one process"),
         (variants_section, "sched_gpu_reps2.json",
