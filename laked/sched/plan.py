@@ -67,6 +67,10 @@ def decide(v: LcView, a: Ask, k: Knobs) -> tuple[str, float] | None:
     if v.run_part:
         return "comp", atom
     if a.parked:
+        if k.park_one and not a.lc_passed:
+            # one atom behind the request is enough to restart BE after it;
+            # issuing more now would run BE's Python as LC's request arrives
+            return None
         return "full", atom              # queued behind the parked one: after LC
     room = v.until_s - a.queued_s
     if room >= max(a.need_s, k.min_atom_us / 1e6):

@@ -98,6 +98,11 @@ def test_a_hold_parks_on_the_gpu_and_later_atoms_queue_behind_it() -> None:
     assert decide(v, Ask(3e-3, True, parked=True), k) == ("full", 400e-6)
     # while LC runs, parked or not, one queued atom is all BE can use
     assert decide(LcView(recent=True, run_full=True), Ask(4e-4, True, parked=True), k) is None
+    # park_one: one parked atom, and the issuer sleeps until LC's request came
+    one = Knobs(atom_us=400, min_atom_us=60, hold_us=1500, park_one=True)
+    assert decide(v, Ask(3e-3, True, parked=True), one) is None
+    assert decide(v, Ask(3e-3, True, parked=True, lc_passed=True), one) == ("full", 400e-6)
+    assert decide(v, Ask(0.0, False), one) == ("full", 400e-6)
     # overdue past hold_us and room enough: as without parking
     assert decide(LcView(recent=True, until_s=-1.6e-3), Ask(0.0, False), k) == ("full", 400e-6)
     assert decide(LcView(recent=True, until_s=3e-3), Ask(1e-3, True), k) == ("full", 400e-6)
