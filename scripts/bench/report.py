@@ -565,6 +565,9 @@ def main() -> int:
         (variants_section, "fill_ab.json",
          "Cutting a pointwise op to fill the room before LC (`fill_pointwise`), "
          "interleaved A/B (adopted)"),
+        (variants_section, "park_one_ab.json",
+         "One atom parked behind LC, the issuer asleep until LC came (`park_one`), "
+         "interleaved A/B (off by default)"),
         (variants_section, "sched_gpu_reps.json",
          "lake at the defaults, every pair three times in one process"),
         (variants_section, "sched_gpu_reps2.json",
