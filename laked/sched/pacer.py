@@ -13,7 +13,9 @@ with no LC request beside them, on the whole GPU; so is the GPU time of
 ops run whole over their FLOP or byte estimate (``learn_whole``), per op
 and shape, since BE plans the room before LC's next request with it.  A
 small op past the budget joins the atom before it (``join_small``): a
-boundary costs the issuer more than the op's GPU time.
+boundary costs the issuer more than the op's GPU time.  A pointwise op
+that would run whole but does not fit the room before LC's next predicted
+request is cut so its first piece fills that room (``fill_pointwise``).
 """
 from __future__ import annotations
 
