@@ -453,7 +453,7 @@ class GpuArbiter(Arbiter):
             ts = self.lc_tenants()          # one snapshot per plan
             v = self._lc_view(ts, now)
             ask = Ask(p.queued_s(), bool(p.inflight), need_s, self.lc_seq != seq0,
-                      self._parked(p))
+                      self._parked(p), p.issue_x)
             got = decide(v, ask, k)
             if self.plan_log is not None:
                 self.plan_log.append((now, v.until_s, ask.queued_s, need_s, got))

@@ -22,7 +22,8 @@ class Knobs:
     lead_us: float = 0.0            # expect LC this much before its predicted arrival
     park: bool = True               # a hold parks the atom on the GPU (park.py)
     park_raw: bool = False          # ... behind raw-stream LC launches too (tenancy.py)
-    park_one: bool = False          # one atom parked: the issuer sleeps until LC came
+    park_one: float = 0.5           # one atom parked, an issuer this light (host s per GPU s)
+                                    # sleeps until LC came (0: none)
     be_sms: int = 0                 # BE's SMs while LC tenants are active (0: all of them)
     be_duty: float = 1.0            # BE's least share of GPU time while LC is active (1: all)
     clock_slip: float = 0.15        # ... governed to keep the SM clock >= f_max / (1 + this)

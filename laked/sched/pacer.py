@@ -40,6 +40,8 @@ MAX_SCALES = 1024    # learned op keys kept (a job with ever-new shapes starts o
 JOIN_X = 0.25        # an op this share of a budget may join an atom past it (to WHOLE_X)
 FILL_S = 100e-6      # fill_pointwise: a shorter room is not worth a cut
 FILL_X = 0.8         # ... nor one the op nearly fits (the cut would leave a sliver)
+ISSUE_MAX = 4.0      # an atom's issue share counts up to this (a job paused is not issuing)
+ISSUE_DECAY = 0.9    # issue_x's memory: about the last ten atoms
 
 
 @dataclass(slots=True)
@@ -88,6 +90,10 @@ class Pacer:
         self.hold_s = 0.0                        # ... holding for a predicted LC
         self.lc_wait_s = 0.0                     # ... waiting while LC runs
         self.boundary_s = 0.0                    # ... at atom boundaries, waits included
+        # host and GPU seconds of its recent atoms (issue_x)
+        self._issue_host = 0.0
+        self._issue_gpu = 0.0
+        self._opened = 0.0
         self.parked: tuple[int, int] | None = None   # (counter, request) an atom waits for
         # diagnostics (GpuArbiter.trace_start): each atom's GPU span, from
         # events timed against ``trace_ref``: (start, end, host time queued)
@@ -232,9 +238,14 @@ class Pacer:
         self._recent = plan.recent
         self._seq = self.arb.lc_seq
         self.t.atoms += 1
-        self.boundary_s += time.perf_counter() - t0
+        self._opened = time.perf_counter()
+        self.boundary_s += self._opened - t0
 
     def _close(self) -> None:
+        if self._est > 0:
+            host = min(time.perf_counter() - self._opened, ISSUE_MAX * self._est)
+            self._issue_host = ISSUE_DECAY * self._issue_host + host
+            self._issue_gpu = ISSUE_DECAY * self._issue_gpu + self._est
         stream = raw_stream(self.dev)
         gap = 0.0
         duty = self.arb.gov.duty if self._recent else 1.0
@@ -263,6 +274,14 @@ class Pacer:
         self._timing = None
         self._whole = None
         self._open = False
+
+    @property
+    def issue_x(self) -> float:
+        """Host seconds per GPU second while its recent atoms were open: how
+        fast the issuer refills the GPU after an LC request (``park_one``).
+        Weighted by the atoms' size, since the slivers before LC cost as much
+        to issue as whole atoms; heavy (1) until measured."""
+        return self._issue_host / self._issue_gpu if self._issue_gpu else 1.0
 
     def queued_s(self) -> float:
         """Estimated GPU time of the atoms not yet finished (and their gaps)."""

@@ -53,6 +53,7 @@ class Ask:
     need_s: float = 0.0          # the smallest useful atom (an unsplittable op's size)
     lc_passed: bool = False      # an LC request started since this decision began
     parked: bool = False         # an atom of it waits on the GPU for the next LC request
+    issue_x: float = 1.0         # issuer's host seconds per GPU second of its atoms
 
 
 def decide(v: LcView, a: Ask, k: Knobs) -> tuple[str, float] | None:
@@ -67,9 +68,11 @@ def decide(v: LcView, a: Ask, k: Knobs) -> tuple[str, float] | None:
     if v.run_part:
         return "comp", atom
     if a.parked:
-        if k.park_one and not a.lc_passed:
-            # one atom behind the request is enough to restart BE after it;
-            # issuing more now would run BE's Python as LC's request arrives
+        if not a.lc_passed and a.issue_x <= k.park_one:
+            # a light issuer sleeps until LC's request came: the parked atom
+            # keeps the GPU busy after it while the issuer wakes, and BE's
+            # Python stays off the request's path as it arrives.  A heavy
+            # one (training) would leave the GPU idle after LC: it queues on
             return None
         return "full", atom              # queued behind the parked one: after LC
     room = v.until_s - a.queued_s

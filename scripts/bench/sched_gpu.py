@@ -300,7 +300,8 @@ def pacer_stats(t: Any) -> dict[str, float]:
     p = t.pacer
     return {"atoms": t.atoms, "busy_s": round(t.busy_s, 4), "hold_s": round(p.hold_s, 4),
             "wait_depth_s": round(p.wait_depth_s, 4), "gap_s": round(p.gap_s, 4),
-            "boundary_s": round(p.boundary_s, 4), "lc_wait_s": round(p.lc_wait_s, 4)}
+            "boundary_s": round(p.boundary_s, 4), "lc_wait_s": round(p.lc_wait_s, 4),
+            "issue_x": round(p.issue_x, 3)}
 
 
 def run_variants(lc: W.LcWork, bes: list[W.BeWork], variants: list[tuple[str, dict[str, Any]]],

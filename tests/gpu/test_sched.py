@@ -724,6 +724,32 @@ def test_a_pointwise_op_is_cut_to_fill_the_room_before_lc(arb) -> None:  # type:
         arb.remove_tenant(be)
 
 
+def test_issue_x_tells_a_light_issuer_from_a_heavy_one(arb) -> None:  # type: ignore[no-untyped-def]
+    """The pacer's host seconds per GPU second (park_one): a loop of large
+    GEMMs issues its atoms in a small share of their GPU time; a job that
+    spends host time between small ops does not."""
+    from laked.tenants import TenantSpec
+    light = arb.add_tenant(TenantSpec("t-issue-light", "BE", 0, kind="job"))
+    heavy = arb.add_tenant(TenantSpec("t-issue-heavy", "BE", 0, kind="job"))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1 << 27, device="cuda")      # ~0.25 ms a pass: an op of its own
+    try:
+        with arb.be(light):
+            for _ in range(40):
+                a @ a
+        with arb.be(heavy):
+            for _ in range(400):                 # a few ops an atom of 2 ms
+                x.mul_(1.0)
+                time.sleep(500e-6)               # the job's own Python, say
+        torch.cuda.synchronize()
+        lx, hx = light.pacer.issue_x, heavy.pacer.issue_x
+        assert light.atoms >= 20 and heavy.atoms >= 20, (light.atoms, heavy.atoms)
+        assert lx < arb.knobs.park_one < 1.0 < hx, (lx, hx)
+    finally:
+        arb.remove_tenant(light)
+        arb.remove_tenant(heavy)
+
+
 def test_be_sms_keeps_be_on_its_partition_while_lc_is_active(arb) -> None:  # type: ignore[no-untyped-def]
     from laked.sched.fast import raw_stream
     from laked.tenants import TenantSpec

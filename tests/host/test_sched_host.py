@@ -98,11 +98,18 @@ def test_a_hold_parks_on_the_gpu_and_later_atoms_queue_behind_it() -> None:
     assert decide(v, Ask(3e-3, True, parked=True), k) == ("full", 400e-6)
     # while LC runs, parked or not, one queued atom is all BE can use
     assert decide(LcView(recent=True, run_full=True), Ask(4e-4, True, parked=True), k) is None
-    # park_one: one parked atom, and the issuer sleeps until LC's request came
-    one = Knobs(atom_us=400, min_atom_us=60, hold_us=1500, park_one=True)
-    assert decide(v, Ask(3e-3, True, parked=True), one) is None
-    assert decide(v, Ask(3e-3, True, parked=True, lc_passed=True), one) == ("full", 400e-6)
-    assert decide(v, Ask(0.0, False), one) == ("full", 400e-6)
+    # park_one: with one atom parked, a light issuer sleeps until LC's request
+    # came; a heavy one (more host time per GPU second than park_one) does not
+    one = Knobs(atom_us=400, min_atom_us=60, hold_us=1500, park_one=0.5)
+    light = Ask(3e-3, True, parked=True, issue_x=0.1)
+    heavy = Ask(3e-3, True, parked=True, issue_x=0.9)
+    assert decide(v, light, one) is None
+    assert decide(v, heavy, one) == ("full", 400e-6)
+    assert decide(v, Ask(3e-3, True, parked=True, lc_passed=True, issue_x=0.1),
+                  one) == ("full", 400e-6)
+    assert decide(v, Ask(0.0, False, issue_x=0.1), one) == ("full", 400e-6)
+    off = Knobs(atom_us=400, min_atom_us=60, hold_us=1500, park_one=0.0)
+    assert decide(v, light, off) == ("full", 400e-6)
     # overdue past hold_us and room enough: as without parking
     assert decide(LcView(recent=True, until_s=-1.6e-3), Ask(0.0, False), k) == ("full", 400e-6)
     assert decide(LcView(recent=True, until_s=3e-3), Ask(1e-3, True), k) == ("full", 400e-6)
