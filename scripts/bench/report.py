@@ -565,9 +565,17 @@ def main() -> int:
         (variants_section, "fill_ab.json",
          "Cutting a pointwise op to fill the room before LC (`fill_pointwise`), "
          "interleaved A/B (adopted)"),
+        (variants_section, "park_one_light_ab.json",
+         "`park_one` for light issuers only (host time per GPU second at most 0.5), "
+         "interleaved A/B (adopted; the kinfer rows are an A/A)"),
+        (variants_section, "issue_guard_ab.json",
+         "A heavy issuer stopped before LC's arrival and resumed once LC's request was "
+         "queued (`issue_guard`), interleaved A/B (tried, dropped)"),
+        (variants_section, "atom300_ab.json",
+         "BE atoms of 300 us, a probe (not adopted: training collapses)"),
         (variants_section, "park_one_ab.json",
-         "One atom parked behind LC, the issuer asleep until LC came (`park_one`), "
-         "interleaved A/B (off by default)"),
+         "One atom parked behind LC, the issuer asleep until LC came (`park_one` for every "
+         "issuer), interleaved A/B (stop 23: off; now keyed to the issuer's weight)"),
         (variants_section, "sched_gpu_reps.json",
          "lake at the defaults, every pair three times in one process"),
         (variants_section, "sched_gpu_reps2.json",
