@@ -16,6 +16,8 @@ small op past the budget joins the atom before it (``join_small``): a
 boundary costs the issuer more than the op's GPU time.  A pointwise op
 that would run whole but does not fit the room before LC's next predicted
 request is cut so its first piece fills that room (``fill_pointwise``).
+The host time its atoms take to issue, per GPU second (``issue_x``), tells
+the planner whether the issuer may sleep behind a parked atom (``park_one``).
 """
 from __future__ import annotations
 
