@@ -202,7 +202,7 @@ class Pacer:
     def _boundary(self, need_s: float = 0.0, timed: bool = False) -> None:
         t0 = time.perf_counter()
         if self._open:
-            self._close()
+            self._close(t0)
         plan = self.arb.be_plan(self, need_s)
         slots = plan.slots
         if plan.kind != self.kind:
@@ -243,9 +243,10 @@ class Pacer:
         self._opened = time.perf_counter()
         self.boundary_s += self._opened - t0
 
-    def _close(self) -> None:
+    def _close(self, now: float) -> None:
+        """Queue the open atom's end; ``now``: the host time it closes (issue_x)."""
         if self._est > 0:
-            host = min(time.perf_counter() - self._opened, ISSUE_MAX * self._est)
+            host = min(now - self._opened, ISSUE_MAX * self._est)
             self._issue_host = ISSUE_DECAY * self._issue_host + host
             self._issue_gpu = ISSUE_DECAY * self._issue_gpu + self._est
         stream = raw_stream(self.dev)
@@ -340,7 +341,7 @@ class Pacer:
     def drain(self) -> None:
         with self.lock:
             if self._open:
-                self._close()
+                self._close(time.perf_counter())
             while self.inflight:
                 self.ev.wait(self.inflight[0].end)
                 self.reap()
