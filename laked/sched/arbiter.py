@@ -63,7 +63,7 @@ from .fast import Events, ensure_ctx, ensure_thread, raw_stream, set_primary, us
 from .pacer import Pacer
 from .park import MASK, Parks
 from .partition import Partition, Partitions, check
-from .plan import INF, Ask, LcView, Plan, decide, next_due
+from .plan import INF, Ask, LcView, Plan, atom_s, decide, next_due
 from .rightsize import KernelModel
 from .tenancy import GpuTenancy
 
@@ -437,9 +437,12 @@ class GpuArbiter(Arbiter):
         p.reap()
         return v.until_s - p.queued_s()
 
-    def budget_hint(self) -> float:
-        """Cheap guess of the next atom budget (no waiting, no holds)."""
-        return (self.knobs.atom_us if self.lc_recent() else self.knobs.idle_atom_us) / 1e6
+    def budget_hint(self, issue_x: float = 1.0) -> float:
+        """Cheap guess of the next atom budget of an issuer of weight
+        ``issue_x`` (no waiting, no holds)."""
+        if self.lc_recent():
+            return atom_s(self.knobs, issue_x)
+        return self.knobs.idle_atom_us / 1e6
 
     def be_plan(self, p: Pacer, need_s: float = 0.0) -> Plan:
         """The next atom's budget, stream and gates (waits for room, holds before

@@ -17,7 +17,8 @@ boundary costs the issuer more than the op's GPU time.  A pointwise op
 that would run whole but does not fit the room before LC's next predicted
 request is cut so its first piece fills that room (``fill_pointwise``).
 The host time its atoms take to issue, per GPU second (``issue_x``), tells
-the planner whether the issuer may sleep behind a parked atom (``park_one``).
+the planner whether the issuer may sleep behind a parked atom (``park_one``)
+and how long its atoms are beside LC (``light_atom_us``).
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ class Pacer:
     # -- what the atomizers call ----------------------------------------------------
     def budget_hint(self) -> float:
         """The atom budget the next boundary will most likely give."""
-        return self.arb.budget_hint()
+        return self.arb.budget_hint(self.issue_x)
 
     def run_op(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any],
                est_s: float) -> Any:

@@ -56,10 +56,28 @@ class Ask:
     issue_x: float = 1.0         # issuer's host seconds per GPU second of its atoms
 
 
+def light(k: Knobs, issue_x: float) -> bool:
+    """An issuer this light refills the GPU in a small share of its GPU time."""
+    return issue_x <= k.park_one
+
+
+def atom_s(k: Knobs, issue_x: float) -> float:
+    """The atom budget beside active LC for an issuer of this weight.
+
+    A light issuer gets ``light_atom_us`` (at most ``atom_us``): the atom LC's request finds in
+    flight is shorter, and the issuer pays for the extra boundaries in
+    little host time.  A heavy one (training) keeps ``atom_us``: its ops
+    past 1.5 shorter budgets would be cut into rows (opmode.WHOLE_X), and
+    its rate fell to 0.36-0.46 of solo with 300 us atoms for every issuer."""
+    if k.light_atom_us and light(k, issue_x):
+        return min(k.light_atom_us, k.atom_us) / 1e6
+    return k.atom_us / 1e6
+
+
 def decide(v: LcView, a: Ask, k: Knobs) -> tuple[str, float] | None:
     """(partition kind, atom budget in seconds) for the next atom, or None to
     hold; kind "park": queue it behind the next LC request (``k.park``)."""
-    atom = k.atom_us / 1e6
+    atom = atom_s(k, a.issue_x)
     if not v.recent:
         return "full", k.idle_atom_us / 1e6
     if v.run_full:
@@ -68,7 +86,7 @@ def decide(v: LcView, a: Ask, k: Knobs) -> tuple[str, float] | None:
     if v.run_part:
         return "comp", atom
     if a.parked:
-        if not a.lc_passed and a.issue_x <= k.park_one:
+        if not a.lc_passed and light(k, a.issue_x):
             # a light issuer sleeps until LC's request came: the parked atom
             # keeps the GPU busy after it while the issuer wakes, and BE's
             # Python stays off the request's path as it arrives.  A heavy

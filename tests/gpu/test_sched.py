@@ -692,6 +692,7 @@ def test_a_pointwise_op_is_cut_to_fill_the_room_before_lc(arb) -> None:  # type:
     Off, the op waits whole behind the prediction.  (With no BE work queued
     the room shrinks as the host runs: a room of a few hundred microseconds
     is gone before the op's first piece is planned.)"""
+    from laked.sched.knobs import Knobs
     from laked.tenants import TenantSpec
     lc = arb.add_tenant(TenantSpec("t-fill-lc", "LC", 0, kind="model"))
     be = arb.add_tenant(TenantSpec("t-fill-be", "BE", 0, kind="job"))
@@ -701,6 +702,7 @@ def test_a_pointwise_op_is_cut_to_fill_the_room_before_lc(arb) -> None:  # type:
     atoms, rooms = {}, {}
     arb.knobs.learn_whole = False               # the byte estimate sizes it
     arb.knobs.atom_us = 2000.0
+    arb.knobs.light_atom_us = 0.0               # atoms of 2 ms, light issuer or not
     try:
         for fill in (True, False):
             arb.knobs.fill_pointwise = fill
@@ -719,6 +721,7 @@ def test_a_pointwise_op_is_cut_to_fill_the_room_before_lc(arb) -> None:  # type:
         arb.knobs.fill_pointwise = True
         arb.knobs.learn_whole = True
         arb.knobs.atom_us = 400.0
+        arb.knobs.light_atom_us = Knobs.light_atom_us
         arb.last_lc = lc.last_start = lc.last_end = lc.due = 0.0
         arb.remove_tenant(lc)
         arb.remove_tenant(be)
@@ -748,6 +751,47 @@ def test_issue_x_tells_a_light_issuer_from_a_heavy_one(arb) -> None:  # type: ig
     finally:
         arb.remove_tenant(light)
         arb.remove_tenant(heavy)
+
+
+def test_a_light_issuer_gets_shorter_atoms_beside_lc(arb) -> None:  # type: ignore[no-untyped-def]
+    """light_atom_us: beside active LC, an issuer at or under park_one (a
+    GEMM loop) has its GEMMs cut into atoms of light_atom_us, a heavier or
+    unmeasured one into atoms of atom_us."""
+    from laked.tenants import TenantSpec
+    k = arb.knobs
+    light_us = k.light_atom_us
+    assert 0 < light_us < k.atom_us and k.park_one > 0
+    be = arb.add_tenant(TenantSpec("t-light-be", "BE", 0, kind="job"))
+    lc = arb.add_tenant(TenantSpec("t-light-lc", "LC", 0, kind="model"))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    try:
+        assert be.pacer.budget_hint() == pytest.approx(k.idle_atom_us / 1e6)
+        arb.last_lc = 0.0                        # no LC yet: measure the issuer
+        with arb.be(be):
+            for _ in range(20):
+                a @ a
+        torch.cuda.synchronize()
+        assert be.pacer.issue_x <= k.park_one, be.pacer.issue_x
+        atoms = {}
+        for us in (light_us, 0.0, light_us):
+            k.light_atom_us = us
+            _due_in(arb, lc, 10.0)               # LC active, its request far off
+            want = (us or k.atom_us) / 1e6
+            assert be.pacer.budget_hint() == pytest.approx(want)
+            n0 = be.atoms
+            with arb.be(be):
+                for _ in range(10):
+                    a @ a
+            torch.cuda.synchronize()
+            atoms[us] = be.atoms - n0
+        # 400/300 more atoms for the same GEMMs (the first light run's count is
+        # overwritten by the second, after the rates were learned)
+        assert atoms[light_us] > 1.15 * atoms[0.0], atoms
+    finally:
+        k.light_atom_us = light_us
+        arb.last_lc = 0.0
+        arb.remove_tenant(lc)
+        arb.remove_tenant(be)
 
 
 def test_be_sms_keeps_be_on_its_partition_while_lc_is_active(arb) -> None:  # type: ignore[no-untyped-def]

@@ -105,11 +105,20 @@ def test_a_hold_parks_on_the_gpu_and_later_atoms_queue_behind_it() -> None:
     heavy = Ask(3e-3, True, parked=True, issue_x=0.9)
     assert decide(v, light, one) is None
     assert decide(v, heavy, one) == ("full", 400e-6)
+    # ... and, once LC passed or with room before it, gets light_atom_us
     assert decide(v, Ask(3e-3, True, parked=True, lc_passed=True, issue_x=0.1),
-                  one) == ("full", 400e-6)
-    assert decide(v, Ask(0.0, False, issue_x=0.1), one) == ("full", 400e-6)
+                  one) == ("full", 300e-6)
+    assert decide(v, Ask(0.0, False, issue_x=0.1), one) == ("full", 300e-6)
+    assert decide(v, Ask(0.0, False, issue_x=0.9), one) == ("full", 400e-6)
+    # the room before LC bounds it as it bounds atom_us
+    assert decide(v, Ask(0.8e-3, True, issue_x=0.1), one) == ("full", pytest.approx(200e-6))
+    same = Knobs(atom_us=400, min_atom_us=60, hold_us=1500, park_one=0.5, light_atom_us=0)
+    assert decide(v, Ask(0.0, False, issue_x=0.1), same) == ("full", 400e-6)
+    short = Knobs(atom_us=200, min_atom_us=60, hold_us=1500, park_one=0.5)
+    assert decide(v, Ask(0.0, False, issue_x=0.1), short) == ("full", 200e-6)  # never longer
     off = Knobs(atom_us=400, min_atom_us=60, hold_us=1500, park_one=0.0)
     assert decide(v, light, off) == ("full", 400e-6)
+    assert decide(v, Ask(0.0, False, issue_x=0.1), off) == ("full", 400e-6)
     # overdue past hold_us and room enough: as without parking
     assert decide(LcView(recent=True, until_s=-1.6e-3), Ask(0.0, False), k) == ("full", 400e-6)
     assert decide(LcView(recent=True, until_s=3e-3), Ask(1e-3, True), k) == ("full", 400e-6)
