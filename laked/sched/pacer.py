@@ -289,7 +289,8 @@ class Pacer:
 
     def queued_s(self) -> float:
         """Estimated GPU time of the atoms not yet finished (and their gaps)."""
-        return (sum(a.est_s + a.gap_s for a in self.inflight) +
+        # a copy first: a trace's reap on another thread may retire atoms
+        return (sum(a.est_s + a.gap_s for a in list(self.inflight)) +
                 (self._est if self._open else 0.0))
 
     def reap(self) -> None:

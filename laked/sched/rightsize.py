@@ -65,7 +65,10 @@ class KernelModel:
         """Mean relative error of the fit over the points it was fitted on."""
         if not self.fitted:
             return float("nan")
-        return float(np.mean([abs(self.predict(t) - s) / s for t, s in self.points]))
+        # a copy first (list() of a deque is one step for other threads): the
+        # LC thread adds points while laked status reads them
+        points = list(self.points)
+        return float(np.mean([abs(self.predict(t) - s) / s for t, s in points]))
 
     def right_size(self, offers: list[int], slip: float = 1.1) -> int:
         """The smallest offered SM count within ``slip`` of the largest's latency."""

@@ -1,6 +1,8 @@
 """The scheduler's pure parts: source atomizer, right-sizing fit, DVFS advice."""
 from __future__ import annotations
 
+import sys
+import threading
 import types
 
 import pytest
@@ -46,6 +48,33 @@ def test_right_sizing_fits_m_over_t_plus_b() -> None:
     assert k2.right_size([8, 16, 32, 64, 132], slip=1.1) == 8
     k2.observe(16, 1.0)                # a wild run: a predicted miss
     assert k2.misses == 1 and k2.summary()["predictions"] == 1
+
+
+def test_fit_error_reads_points_while_requests_add_them() -> None:
+    """laked status reads a model's fit while LC requests add points to it
+    (the GPU suite's status calls once failed with 'deque mutated during
+    iteration'); thread switches forced often so the race shows at once."""
+    k = rightsize.KernelModel("race")
+    for t in (8, 132):
+        k.observe(t, 1e-3 * 132 / t)
+    stop = threading.Event()
+
+    def add() -> None:
+        while not stop.is_set():
+            k.observe(132, 1e-3)
+
+    th = threading.Thread(target=add)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    th.start()
+    try:
+        for _ in range(2000):
+            assert k.fit_error() >= 0
+    finally:
+        stop.set()
+        th.join()
+        sys.setswitchinterval(old)
+    assert len(k.points) == k.points.maxlen
 
 
 def test_dvfs_advice_is_bounded_by_the_slip() -> None:
