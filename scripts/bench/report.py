@@ -562,6 +562,9 @@ def main() -> int:
          "lake at the defaults with `fill_pointwise`, every pair three times in one process"),
         (variants_section, "sched_gpu_reps3_gemm.json",
          "The same for gemm LC, once more"),
+        (variants_section, "light_atom_ab.json",
+         "Shorter atoms for light issuers (`light_atom_us` 300), interleaved A/B (adopted; "
+         "the kinfer rows are from a machine whose isolated kinfer p99 ran 0.7-2.5 ms)"),
         (variants_section, "fill_ab.json",
          "Cutting a pointwise op to fill the room before LC (`fill_pointwise`), "
          "interleaved A/B (adopted)"),
