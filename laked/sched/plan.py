@@ -64,11 +64,12 @@ def light(k: Knobs, issue_x: float) -> bool:
 def atom_s(k: Knobs, issue_x: float) -> float:
     """The atom budget beside active LC for an issuer of this weight.
 
-    A light issuer gets ``light_atom_us`` (at most ``atom_us``): the atom LC's request finds in
-    flight is shorter, and the issuer pays for the extra boundaries in
-    little host time.  A heavy one (training) keeps ``atom_us``: its ops
-    past 1.5 shorter budgets would be cut into rows (opmode.WHOLE_X), and
-    its rate fell to 0.36-0.46 of solo with 300 us atoms for every issuer."""
+    A light issuer gets ``light_atom_us`` (at most ``atom_us``): the atom
+    LC's request finds in flight is shorter, and the issuer pays for the
+    extra boundaries in little host time.  A heavy one (training) keeps
+    ``atom_us``: its ops past 1.5 shorter budgets would be cut into rows
+    (opmode.WHOLE_X), and its rate fell to 0.36-0.46 of solo with 300 us
+    atoms for every issuer."""
     if k.light_atom_us and light(k, issue_x):
         return min(k.light_atom_us, k.atom_us) / 1e6
     return k.atom_us / 1e6
