@@ -80,7 +80,8 @@ class CostTable:
 
     def table(self) -> dict[int, Cost]:
         out: dict[int, Cost] = {}
-        for mid, st in self.models.items():
+        # a copy: laked status reads the table while the daemon's tick adds models
+        for mid, st in list(self.models.items()):
             if st.cpu and st.gpu:
                 _, cpu_per = fit(list(st.cpu), fixed=False)
                 g0, g1 = fit(list(st.gpu), fixed=True)
