@@ -502,7 +502,7 @@ def main() -> int:
             for be in bes:
                 runs.extend(run_pair(lc, be, arb, il, args, energy, streams))
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "args": {k: v for k, v in vars(args).items()}, "knobs": vars(arb.knobs),
+           "args": vars(args), "knobs": vars(arb.knobs),
            "runs": [{k: v for k, v in r.items() if k != "lat_ms"} for r in runs],
            "scheduler": arb.status()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
