@@ -57,6 +57,7 @@ from .blas import set_sm_target, sm_target_set
 from .base import Arbiter, Tenancy, TenantState
 from .gate import Gates
 from .governor import Governor, target_mhz
+from .hostfirst import HostFirst, next_wait
 from .knobs import Knobs
 from .opmode import AtomizeMode, Split
 from .fast import Events, ensure_ctx, ensure_thread, raw_stream, set_primary, using
@@ -103,6 +104,7 @@ class GpuTenant(TenantState):
     stream_slots: dict[int, int] = field(default_factory=dict)  # LC raw streams' gates
     pass_slot: int = -1                   # LC: its request counter (park.py); -2: none left
     pass_n: int = 0                       # ... the number of its last request
+    gpu_wait: float = 0.0                 # LC: average wait from its work queued to done
 
     def gate_slots(self) -> list[int]:
         """Every gate BE must wait for on this LC tenant's behalf."""
@@ -148,6 +150,8 @@ class GpuArbiter(Arbiter):
         # ... and each LC request's GPU span, as events (trace_start)
         self._trace: _Trace | None = None
         self._lock = threading.Lock()
+        # BE's Python waits while an LC request's host path runs (hostfirst.py)
+        self.host_first = HostFirst()
         # BE issuers holding for LC sleep on this until a request ends (a
         # polling issuer would take the GIL from LC's threads every wake)
         self._lc_ended = threading.Condition(self._lock)
@@ -319,45 +323,59 @@ class GpuArbiter(Arbiter):
         assert isinstance(t, GpuTenant) and t.is_lc
         ensure_ctx()
         with t.lock:                        # one request of a tenant at a time: one gate
-            sms = self._place(t)
-            ensure_thread(t.stream)
-            t0 = time.perf_counter()
-            n = self._next_request(t)           # before _arrive: BE parks on the next one
-            self._arrive(t, t0)
-            stream, cs = t.stream, t.stream.cuda_stream
-            tr = self._trace
-            done = None
+            key, lead = threading.get_ident(), self.knobs.host_first_us / 1e6
+            self.host_first.hold(key, lead)
             try:
-                # the last request's open has run: its end event was waited for
-                self.gates.close_now(t.slot)
-                if tr is not None:
-                    tr.lc.append((tr.ev.record(cs), None))
-                try:
-                    with using(stream, self.dev):
-                        out = fn()
-                finally:
-                    self.gates.open(t.slot, cs)
-                    self._mark(t, cs, n)
-                    if tr is not None:
-                        tr.lc[-1] = (tr.lc[-1][0], tr.ev.record(cs))
-                    done = t.events.record(cs)
-                t.events.wait(done)
-                t.events.put(done)
-            except Exception:
-                t.errors += 1
-                if done is not None:
-                    # the next request's close_now must not race this open
-                    with contextlib.suppress(RuntimeError):
-                        t.events.wait(done)
-                    t.events.put(done)
-                raise
+                return self._request(t, fn, items, key, lead)
             finally:
-                self._leave(t)
-            dt = time.perf_counter() - t0
-            t.record(dt, items)
-            if t.model is not None:
-                t.model.observe(sms, dt)        # predicted first: misses are counted
-            return out
+                self.host_first.release(key)
+
+    def _request(self, t: GpuTenant, fn: Callable[[], T], items: int, key: int,
+                 lead: float) -> T:
+        """run_lc's request, with BE's Python held from its arrival (key, lead)."""
+        sms = self._place(t)
+        ensure_thread(t.stream)
+        t0 = time.perf_counter()
+        n = self._next_request(t)           # before _arrive: BE parks on the next one
+        self._arrive(t, t0)
+        stream, cs = t.stream, t.stream.cuda_stream
+        tr = self._trace
+        done = None
+        try:
+            # the last request's open has run: its end event was waited for
+            self.gates.close_now(t.slot)
+            if tr is not None:
+                tr.lc.append((tr.ev.record(cs), None))
+            try:
+                with using(stream, self.dev):
+                    out = fn()
+            finally:
+                self.gates.open(t.slot, cs)
+                self._mark(t, cs, n)
+                if tr is not None:
+                    tr.lc[-1] = (tr.lc[-1][0], tr.ev.record(cs))
+                done = t.events.record(cs)
+            # BE's Python runs while the GPU does, until just before it is done
+            queued = time.perf_counter()
+            self.host_first.hold_near_end(key, lead, queued, t.gpu_wait)
+            t.events.wait(done)
+            t.gpu_wait = next_wait(t.gpu_wait, time.perf_counter() - queued)
+            t.events.put(done)
+        except Exception:
+            t.errors += 1
+            if done is not None:
+                # the next request's close_now must not race this open
+                with contextlib.suppress(RuntimeError):
+                    t.events.wait(done)
+                t.events.put(done)
+            raise
+        finally:
+            self._leave(t)
+        dt = time.perf_counter() - t0
+        t.record(dt, items)
+        if t.model is not None:
+            t.model.observe(sms, dt)        # predicted first: misses are counted
+        return out
 
     def _place(self, t: GpuTenant) -> int:
         """The SMs this request runs on: whole GPU, the probe, or the right size."""
@@ -521,6 +539,7 @@ class GpuArbiter(Arbiter):
             for op in ops:
                 if stop.is_set():
                     break
+                self.host_first.pause()
                 key = ("rowop", op.rows, id(op.piece.__code__))
 
                 def piece(i0: int, i1: int, op: RowOp = op) -> None:
@@ -554,7 +573,7 @@ class GpuArbiter(Arbiter):
         """Stop tracing (after the traced BE jobs ended, with no LC request
         in flight: its events are destroyed here) and return the spans
         in seconds from the zero: {"lc": [(start, end)], "be": {tenant:
-        [(start, end, host time queued)]}}."""
+        [(start, end, host time queued, estimated seconds)]}}."""
         tr, self._trace = self._trace, None
         assert tr is not None
         ev, ref = tr.ev, tr.ref
@@ -655,6 +674,7 @@ class GpuArbiter(Arbiter):
             "knobs": vars(self.knobs), "lc_active": self.lc_active,
             "gates_forced_open": self.gates.forced_opens,
             "parks": self.parks.stats(),
+            "host_first": self.host_first.stats(),
             "queue_delay_us": self.queue_delay_us(),
             "idle_energy_j": round(self.idle_energy_j, 3),
             "be_duty": {"now": round(self.gov.duty, 3), "sm_mhz": self.gov.mhz,

@@ -40,6 +40,9 @@ class Knobs:
     gate_timeout_ms: float = 500.0  # watchdog: reopen a gate shut this long
     energy_interval_s: float = 0.25
     gil_switch_us: float = 50.0     # laked's threads hand the GIL over within this
+    host_first_us: float = 100.0    # BE's Python waits while an LC request's host path runs:
+                                    # from its arrival to its launch, and from this long
+                                    # before its GPU work's predicted end (0: never)
     power_slip: float = 0.05        # advice: the clock that costs at most this slowdown
     reserve_mb: int = 2048          # device memory torch's allocator caches at start
 

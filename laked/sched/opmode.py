@@ -21,6 +21,7 @@ Costs are estimated from FLOPs or bytes and refined from measured atoms.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -246,10 +247,13 @@ class AtomizeMode(TorchDispatchMode):
     def __init__(self, pacer: "Pacer") -> None:
         super().__init__()
         self.pacer = pacer
+        self.host_first = pacer.arb.host_first
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         # every aten op of the job comes here: each Python step is paid per op
+        if perf_counter() >= self.host_first.after:
+            self.host_first.pause()         # an LC request's host path runs (hostfirst.py)
         what, splitter, name = _KIND.get(func) or _classify(func)
         kwargs = kwargs or {}
         if what == PASS or not (_on_gpu(args) or (kwargs and _on_gpu(kwargs.values()))):

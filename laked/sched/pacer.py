@@ -99,8 +99,9 @@ class Pacer:
         self._opened = 0.0
         self.parked: tuple[int, int] | None = None   # (counter, request) an atom waits for
         # diagnostics (GpuArbiter.trace_start): each atom's GPU span, from
-        # events timed against ``trace_ref``: (start, end, host time queued)
-        self.trace: list[tuple[float, float, float]] | None = None
+        # events timed against ``trace_ref``: (start, end, host time queued,
+        # estimated seconds)
+        self.trace: list[tuple[float, float, float, float]] | None = None
         self.trace_ref: Any = None
         self._start: Any = None
         self._host = 0.0
@@ -314,7 +315,8 @@ class Pacer:
                     self.scales[key] = self._learn(self.scales.get(key), spent / raw, 1.0)
                 if self.trace is not None and a.host:
                     self.trace.append((self.tev.elapsed_s(self.trace_ref, a.start),
-                                       self.tev.elapsed_s(self.trace_ref, a.end), a.host))
+                                       self.tev.elapsed_s(self.trace_ref, a.end), a.host,
+                                       a.est_s))
                 self.tev.put(a.start)
             (self.tev if a.start is not None else self.ev).put(a.end)
             self.t.busy_s += spent

@@ -352,7 +352,7 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
         tl.allow_partition = False              # a graph: the whole GPU
         tb = arb.add_tenant(TenantSpec(f"be-{be.name}", "BE", 0, kind="job"))
         trace = Trace(tb) if args.trace else None
-        parks0 = arb.parks.stats()
+        parks0 = arb.parks.stats() | arb.host_first.stats()
         try:
             r = measure("lake", lake_lc(arb, tl, lc, trace), BeRunner(be, arb=arb, tenant=tb),
                         args, energy)
@@ -363,8 +363,9 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
                                                        "requests", "p50_ms", "p99_ms")}
                             for k in (tl.name, tb.name)}
             r["gates_forced_open"] = arb.gates.forced_opens
-            r["be_pacer"] = pacer_stats(tb) | {k: v - parks0[k]
-                                                for k, v in arb.parks.stats().items()}
+            r["be_pacer"] = pacer_stats(tb) | {
+                k: round(v - parks0[k], 6)
+                for k, v in (arb.parks.stats() | arb.host_first.stats()).items()}
             out.append(r)
         finally:
             arb.remove_tenant(tl)

@@ -18,7 +18,8 @@ With --events the arbiter times each BE atom and LC request with CUDA
 events instead (GpuArbiter.trace_start): no CUPTI cost on the issuer's
 driver calls, atoms instead of kernels, and BE's idle gaps split at the
 host time each atom was queued (``be_idle``: the issuer was late, or the
-atom waited for a gate or a park).
+atom waited for a gate or a park), and the slowest LC requests one by one
+(``tail``: where each one's time went and the BE atoms beside it).
 """
 from __future__ import annotations
 
@@ -182,13 +183,13 @@ def idle_before_lc(ks: list[tuple[float, float, int]], lc_streams: set[int],
     return out
 
 
-def be_idle(be: list[tuple[float, float, float]], lc: list[tuple[float, float]]
+def be_idle(be: list[tuple[float, float, float, float]], lc: list[tuple[float, float]]
             ) -> dict[str, Any]:
     """The GPU's idle time (gaps over 20 us) that a BE atom's start ends,
     split at the host time the atom was queued (all in us, one clock):
     until then the issuer was late (``issuer_late``); after it the queued
     atom waited for a gate or a park (``waited``)."""
-    spans = sorted([(a, b, h) for a, b, h in be] + [(a, b, -1.0) for a, b in lc])
+    spans = sorted([(a, b, h) for a, b, h, _ in be] + [(a, b, -1.0) for a, b in lc])
     if not spans:
         return {"n": 0}
     end, late, waited, n = spans[0][1], 0.0, 0.0, 0
@@ -203,15 +204,52 @@ def be_idle(be: list[tuple[float, float, float]], lc: list[tuple[float, float]]
 
 
 def event_spans(spans: dict[str, Any], host0: float
-                ) -> tuple[list[tuple[float, float, int]], list[tuple[float, float, float]]]:
+                ) -> tuple[list[tuple[float, float, int]], list[tuple[float, float, float, float]]]:
     """GpuArbiter.trace_stop's spans in us from its zero: as kernels
     (BE atoms on stream 0, LC requests on stream 1) and BE's atoms with the
-    host time each was queued."""
-    be = [(a * 1e6, b * 1e6, (h - host0) * 1e6) for xs in spans["be"].values()
-          for a, b, h in xs if b > 0]
-    ks = sorted([(a, b, 0) for a, b, _ in be] +
+    host time each was queued and its estimated time."""
+    be = [(a * 1e6, b * 1e6, (h - host0) * 1e6, est * 1e6) for xs in spans["be"].values()
+          for a, b, h, est in xs if b > 0]
+    ks = sorted([(a, b, 0) for a, b, _, _ in be] +
                 [(a * 1e6, b * 1e6, EV_LC) for a, b in spans["lc"] if b > 0])
     return ks, be
+
+
+def tail(lat: list[float], arrivals: list[tuple[float, float]], lc: list[tuple[float, float]],
+         be: list[tuple[float, float, float, float]], offset_us: float,
+         share: float = 0.02) -> dict[str, Any]:
+    """The slowest ``share`` of LC requests, one row each (us): its latency,
+    arrival to its GPU start (``issue``), its GPU span, what is left after
+    it (the host's wake-up), how late it came against the prediction, and
+    the BE atoms that ran beside it: how many, the longest one's measured
+    and estimated time, and how long the one running at its arrival had
+    left.  The middle half's medians come alongside, to compare."""
+    n = min(len(lat), len(arrivals), len(lc))
+    if not n or len(lat) != len(lc):
+        return {"unmatched": [len(lat), len(arrivals), len(lc)]}
+    be = sorted(be)
+    starts = [a for a, _, _, _ in be]
+
+    def row(i: int) -> dict[str, float]:
+        h = arrivals[i][0] * 1e6 + offset_us
+        g0, g1 = lc[i]
+        j = bisect.bisect_left(starts, g1)
+        beside = [x for x in be[max(0, j - 64):j] if x[1] > h]
+        at_h = [x for x in beside if x[0] <= h]
+        longest = max(beside, key=lambda x: x[1] - x[0], default=None)
+        due = arrivals[i][1]
+        return {"lat": round(lat[i] * 1e6, 1), "issue": round(g0 - h, 1),
+                "gpu": round(g1 - g0, 1), "after": round(lat[i] * 1e6 - (g1 - h), 1),
+                "late": round(h - (due * 1e6 + offset_us), 1) if due else 0.0,
+                "be_beside": len(beside),
+                "be_longest": round(longest[1] - longest[0], 1) if longest else 0.0,
+                "be_longest_est": round(longest[3], 1) if longest else 0.0,
+                "be_left_at_arrival": round(max(x[1] for x in at_h) - h, 1) if at_h else 0.0}
+    order = sorted(range(n), key=lambda i: lat[i])
+    mid = [row(i) for i in order[n // 4: 3 * n // 4]]
+    return {"slowest": [row(i) for i in order[-max(1, int(n * share)):]],
+            "middle_median": {k: round(statistics.median(r[k] for r in mid), 1)
+                              for k in mid[0]}}
 
 
 def plans(log: list[tuple[float, float, float, float, Any]]) -> dict[str, Any]:
@@ -312,6 +350,9 @@ def window(label: str, be: S.BeRunner | None, lc_one: Callable[[], float] | None
         tl["be_idle"] = be_idle(be_atoms, [(a, b) for a, b, st in ks if st == EV_LC])
     if arrivals:
         tl["before_lc"] = idle_before_lc(ks, lc_streams, arrivals, offset)
+        if events:
+            tl["tail"] = tail(lat, arrivals, [(a, b) for a, b, st in ks if st == EV_LC],
+                              be_atoms, offset)
     r = {"config": label, "seconds": round(dt, 4), "be_steps_per_s": round(steps / dt, 2),
          "sm_mhz": clk.mean(), "timeline": tl}
     if lat:

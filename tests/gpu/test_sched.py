@@ -606,8 +606,8 @@ def test_trace_times_each_atom_and_request_on_the_gpu(arb) -> None:  # type: ign
         spans = arb.trace_stop()
         atoms = spans["be"]["t-trace"]
         assert len(atoms) == 4 and len(spans["lc"]) == 1, spans
-        for i, (a, b, host) in enumerate(atoms):
-            assert 0.0009 < b - a < 0.02, atoms
+        for i, (a, b, host, est) in enumerate(atoms):
+            assert 0.0009 < b - a < 0.02 and est > 0, atoms
             assert host - host0 < a + 1e-4, (host - host0, a)   # queued before it ran
             if i:
                 assert a >= atoms[i - 1][1] - 1e-6, atoms          # one stream: in order
@@ -984,3 +984,59 @@ def test_power_advice_reads_nvml_only() -> None:
     a = power.advise(1.0, 0.1, clocks)
     assert a.advised_mhz in clocks and a.predicted_slowdown <= 0.1 + 1e-9
     assert abs(nv.clocks_mhz() - before) < 1000     # nothing was changed, only read
+
+
+def test_be_python_waits_while_an_lc_request_runs_its_host_path(arb) -> None:  # type: ignore[no-untyped-def]
+    """host_first_us: a BE job's ops (through the atomizer) do not run
+    while an LC request's thread runs Python before its launch; with the
+    knob at 0 they interleave with it (the GIL passes every switch interval)."""
+    from laked.tenants import TenantSpec
+    be = arb.add_tenant(TenantSpec("t-hostfirst", "BE", 0, kind="job"))
+    lc, one_lc = _lc_gemm(arb, "t-hostfirst-lc")
+    stamps: list[float] = []
+    stop = threading.Event()
+    x = torch.zeros(1024, device="cuda")
+
+    def be_loop() -> None:
+        with arb.be(be):
+            while not stop.is_set():
+                x.add_(1.0)                     # a few us of GPU: Python-bound
+                stamps.append(time.perf_counter())
+
+    def inside(windows: list[tuple[float, float]]) -> int:
+        return sum(1 for s in stamps for a, b in windows if a < s < b)
+
+    def requests() -> list[tuple[float, float]]:
+        windows = []
+
+        def busy_then_lc() -> None:
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 0.0015:    # 1.5 ms of the request's Python
+                pass
+            windows.append((t0, time.perf_counter()))
+            one_lc()
+        for _ in range(20):
+            arb.run_lc(lc, busy_then_lc)
+            time.sleep(0.003)
+        return windows
+    th = threading.Thread(target=be_loop)
+    was = arb.knobs.host_first_us
+    try:
+        th.start()
+        time.sleep(0.05)
+        waits0 = arb.host_first.waits
+        held = inside(requests())
+        waits = arb.host_first.waits - waits0
+        arb.knobs.host_first_us = 0.0
+        free = inside(requests())
+        assert arb.host_first.waits - waits0 == waits, "the knob at 0 still held BE"
+    finally:
+        arb.knobs.host_first_us = was
+        stop.set()
+        th.join(5)
+        arb.remove_tenant(be)
+        arb.remove_tenant(lc)
+    # held: at most the op a BE thread was in when the request came (its
+    # waits end at CAP_S, 2 ms, longer than each window)
+    assert waits >= 20 and held <= 20, (held, waits, free)
+    assert free >= 5 * max(held, 4), (held, free)

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from laked.sched import kernel_atoms, power, rightsize
+from laked.sched import hostfirst, kernel_atoms, power, rightsize
 
 SRC = r'''
 extern "C" __global__ void add2d(const float *a, float *b, int w, int h)
@@ -589,3 +589,79 @@ def test_gate_watchdog_reopens_only_a_generation_held_too_long() -> None:
     assert overdue(flags, seen, 1.2, 0.5) == [2]    # 9 held since 0.4
     flags[2] = 0
     assert overdue(flags, seen, 5.0, 0.5) == [] and seen == {}
+
+
+def _pauser(hf: "hostfirst.HostFirst", done: list[float]) -> threading.Thread:
+    """A BE thread at its next op: pause(), then the host time it went on."""
+    import time
+
+    def run() -> None:
+        hf.pause()
+        done.append(time.perf_counter())
+    th = threading.Thread(target=run)
+    th.start()
+    return th
+
+
+def test_host_first_holds_be_only_while_an_lc_host_path_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    monkeypatch.setattr(hostfirst, "CAP_S", 5.0)    # only a release lets it go
+    hf = hostfirst.HostFirst()
+    hf.pause()                                  # nothing held: goes straight on
+    assert hf.waits == 0 and hf.after == hostfirst.INF
+    hf.hold(1, 0.0)                             # the knob at 0: holds nothing
+    assert hf.after == hostfirst.INF
+    hf.hold(1, 100e-6)                          # an LC request arrives
+    done: list[float] = []
+    th = _pauser(hf, done)
+    time.sleep(0.05)
+    assert not done, "a BE op ran while an LC request's host path was held"
+    released = time.perf_counter()
+    hf.release(1)
+    th.join(1)
+    assert done and done[0] >= released and hf.waits == 1
+    assert hf.after == hostfirst.INF and hf.stats()["host_first_waits"] == 1
+
+
+def test_host_first_lets_be_run_while_lc_is_on_the_gpu_until_near_its_end(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    hf = hostfirst.HostFirst()
+    hf.hold(7, 100e-6)
+    monkeypatch.setattr(hostfirst, "CAP_S", 5.0)
+    done: list[float] = []
+    th = _pauser(hf, done)
+    time.sleep(0.05)
+    queued = time.perf_counter()
+    # work queued, 1.2 s predicted: the waiting BE thread goes on at once ...
+    hf.hold_near_end(7, 100e-6, queued, 1.2)
+    th.join(5)
+    assert done and done[0] - queued < 1.0
+    assert hf.after == pytest.approx(queued + 0.9 * 1.2 - 100e-6)
+    monkeypatch.setattr(hostfirst, "CAP_S", 0.002)
+    hf.pause()                                  # ... and so does the next op before then
+    # ... until the hold starts: an op after it waits, at most CAP_S each
+    hf.hold_near_end(7, 100e-6, time.perf_counter(), 0.01)
+    while time.perf_counter() < hf.after:
+        time.sleep(0.0001)
+    t0 = time.perf_counter()
+    hf.pause()
+    assert time.perf_counter() - t0 >= hostfirst.CAP_S * 0.99
+    hf.release(7)
+    hf.release(7)                               # twice: harmless
+    assert hf.after == hostfirst.INF
+
+
+def test_host_first_holds_until_every_lc_request_is_released() -> None:
+    import time
+    hf = hostfirst.HostFirst()
+    hf.hold(1, 50e-6)
+    hf.hold(2, 50e-6, time.perf_counter() + 10.0)
+    assert hf.after < time.perf_counter()       # the earliest hold counts
+    hf.release(1)
+    assert hf.after > time.perf_counter() + 9.0
+    hf.release(2)
+    assert hf.after == hostfirst.INF
+    assert hostfirst.next_wait(0.0, 0.5) == 0.5
+    assert hostfirst.next_wait(1.0, 0.0) == pytest.approx(1.0 - hostfirst.EMA)

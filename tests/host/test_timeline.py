@@ -49,9 +49,9 @@ def test_unmapped_clocks_are_reported_not_split() -> None:
 
 
 def test_be_idle_is_cut_where_the_atom_was_queued() -> None:
-    be = [(0, 100, -50), (180, 300, 150),      # queued at 150: issuer late 50, waited 30
-          (305, 400, 0),                       # a 5 us gap: not idle
-          (600, 700, 390)]                     # LC ran 450-550: idle 400-450 and 550-600
+    be = [(0, 100, -50, 90), (180, 300, 150, 90),   # queued at 150: issuer late 50, waited 30
+          (305, 400, 0, 90),                        # a 5 us gap: not idle
+          (600, 700, 390, 90)]                      # LC ran 450-550: idle 400-450, 550-600
     lc = [(450, 550)]
     out = T.be_idle(be, lc)
     assert out["n"] == 2
@@ -61,10 +61,30 @@ def test_be_idle_is_cut_where_the_atom_was_queued() -> None:
 
 def test_event_spans_become_kernels_on_two_streams_in_us() -> None:
     spans = {"lc": [(0.0004, 0.0005), (0.001, 0.0)],          # an unfinished one is dropped
-             "be": {"a": [(0.0, 0.0003, 10.0001)], "b": [(0.0006, 0.0007, 10.0005)]}}
+             "be": {"a": [(0.0, 0.0003, 10.0001, 0.00025)],
+                    "b": [(0.0006, 0.0007, 10.0005, 0.0001)]}}
     ks, be = T.event_spans(spans, 10.0)
     assert ks == [(0.0, 300.0, 0), (400.0, 500.0, T.EV_LC), (600.0, 700.0, 0)]
-    assert [round(h, 3) for _, _, h in be] == [100.0, 500.0]
+    assert [round(h, 3) for _, _, h, _ in be] == [100.0, 500.0]
+    assert [round(e, 3) for _, _, _, e in be] == [250.0, 100.0]
     out = T.summarize(ks, 1, {T.EV_LC})
     assert out["gpu_busy_share"] == pytest.approx(500 / 700, abs=1e-4)
     assert out["idle_gaps_ms"]["before_lc"] == {"n": 1, "ms": 0.1}
+
+
+def test_tail_names_the_slowest_requests_and_the_be_atoms_beside_them() -> None:
+    # four requests (host seconds; arrivals 1 ms apart, each predicted 10 us early);
+    # GPU spans in us from the zero (host time 0 maps to 0: offset 0)
+    arrivals = [(0.001 * i, 0.001 * i - 10e-6) for i in range(4)]
+    lc = [(1000.0 * i + 50, 1000.0 * i + 550) for i in range(4)]
+    lat = [0.00058, 0.00059, 0.0009, 0.00057]          # request 2 is the slow one
+    lc[2] = (2300.0, 2800.0)                             # it started 300 us late ...
+    be = [(1900.0, 2290.0, 1800.0, 200.0)]               # ... behind a BE atom of 390 us
+    out = T.tail(lat, arrivals, lc, be, 0.0, share=0.25)
+    row, = out["slowest"]
+    assert row["lat"] == 900.0 and row["issue"] == 300.0 and row["gpu"] == 500.0
+    assert row["after"] == pytest.approx(100.0) and row["late"] == pytest.approx(10.0)
+    assert row["be_beside"] == 1 and row["be_longest"] == 390.0
+    assert row["be_longest_est"] == 200.0 and row["be_left_at_arrival"] == 290.0
+    assert out["middle_median"]["be_beside"] == 0 and out["middle_median"]["issue"] == 50.0
+    assert T.tail(lat[:3], arrivals, lc, be, 0.0) == {"unmatched": [3, 4, 4]}
