@@ -99,8 +99,9 @@ def _pair_rows(d: Any, configs: tuple[str, ...]) -> list[str]:
     return rows
 
 
-SHOWN_KNOBS = ("atom_us", "idle_atom_us", "min_atom_us", "depth", "hold_us", "lead_us", "park",
-               "park_raw", "gil_switch_us", "gate_timeout_ms")
+SHOWN_KNOBS = ("atom_us", "light_atom_us", "idle_atom_us", "min_atom_us", "depth", "hold_us",
+               "lead_us", "park", "park_one", "park_raw", "be_duty", "gil_switch_us",
+               "host_first_us", "gate_timeout_ms")
 
 PAIR_HEAD = ["| LC+BE | config | LC p50 (ms) | LC p99 (ms) | LC max (ms) | p50 / isolated | "
              "p99 / isolated | BE / solo | LC goodput | GPU mJ per LC request (BE's included) |",
@@ -122,7 +123,7 @@ def sched_section(d: Any) -> list[str]:
            "scripts/bench/workloads.py. Static: LC on "
            f"{a['quota_sms']} SMs, BE on the rest. Goodput: share of LC requests within "
            "1.25x the isolated p99. Knobs: laked's defaults "
-           f"(`{json.dumps({k: d['knobs'][k] for k in SHOWN_KNOBS})}`).",
+           f"(`{json.dumps({k: d['knobs'][k] for k in SHOWN_KNOBS if k in d['knobs']})}`).",
            "",
            "![LC p99 and BE throughput per pair](bench/sched_gpu.png)", "",
            "Isolated LC, and LC alone through the arbiter (the scheduler's own cost):", "",
@@ -403,6 +404,44 @@ def timeline_section(d: Any) -> list[str]:
     return out
 
 
+def tail_section(d: Any) -> list[str]:
+    """The slowest LC requests one by one (timeline_be.py --events' ``tail``)."""
+    if not d:
+        return []
+    cols = ("lat", "issue", "gpu", "after", "late", "be_beside", "be_longest",
+            "be_longest_est", "be_left_at_arrival")
+    out = ["### Where the slowest LC requests beside training lose their time", "",
+           f"{d['provenance']} Each row is one request (us): its latency on the host, its "
+           "arrival to its GPU start (issue), its GPU span, the host's time after it, how "
+           "late it came against the prediction, and the BE atoms that ran on the GPU "
+           "during it (how many, the longest one's measured and estimated time, what the "
+           "one running at its arrival had left). In some windows the mapping of event "
+           "time onto host time is off by about 0.1 ms (issue and after then move by as "
+           "much in opposite directions; their sum holds).", ""]
+    for r in d["runs"]:
+        rows = r["tail"]["slowest"]
+        beside = sum(1 for x in rows if x["be_beside"])
+        out += [f"{r['label']} (call {r['call']}): LC p99 {f(r['lc_p99_ms'], 3)} ms (alone "
+                f"through the arbiter {f(r['alone_p99_ms'], 3)}), BE {f(r['be_ratio'])} of "
+                f"solo; {beside} of the slowest {len(rows)} had a BE atom beside them.", "",
+                "| request | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1),
+                "| middle half, median | " + " | ".join(
+                    f(r["tail"]["middle_median"][c], 0) for c in cols) + " |"]
+        for x in rows[-8:]:
+            out.append("| slowest | " + " | ".join(f(x[c], 0) for c in cols) + " |")
+        out.append("")
+    out += ["`sched_gpu.py --trace` in call 1 (ms; the host part before the issue, the issue, "
+            "GPU time from the first launch):", "",
+            "| LC | config | slowest 1 %: before issue / issue / gpu | middle half |",
+            "| --- | --- | --- | --- |"]
+    for t in d["trace"]:
+        a, b = t["slowest_1pct"], t["middle_50pct"]
+        out.append(f"| {t['lc']} | {t['config']} | {f(a['before_issue'], 3)} / "
+                   f"{f(a['issue'], 3)} / {f(a['gpu'], 3)} | {f(b['before_issue'], 3)} / "
+                   f"{f(b['issue'], 3)} / {f(b['gpu'], 3)} |")
+    return out + [""]
+
+
 def events_section(d: Any) -> list[str]:
     """timeline_be.py --events beside profiled timelines: the idle before LC
     split at the predicted and host arrival, BE's own idle at its queueing."""
@@ -434,21 +473,21 @@ def events_section(d: Any) -> list[str]:
 
 
 def duty_section(d: Any, main: Any) -> list[str]:
-    """The lake rows at the current defaults beside the main table's (be_duty 1)."""
+    """The lake rows at stop 21's defaults beside the main table of then (be_duty 1)."""
     if not d:
         return []
     old = {(r["lc_work"], r["be_work"]): r for r in (main or {}).get("runs", [])
            if r["config"] == "lake"}
     iso = _iso_p99(d)
-    out = ["### lake at the current defaults", "",
+    out = ["### lake at stop 21's defaults", "",
            f"The lake rows of {d.get('provenance', 'another run.')} Knobs: laked's defaults "
            f"(`be_duty` {d['knobs']['be_duty']}, `clock_slip` {d['knobs']['clock_slip']}, "
            f"`join_small` {d['knobs'].get('join_small', 'n/a')}, "
            f"`learn_whole` {d['knobs'].get('learn_whole', 'n/a')}). "
-           "Last columns: the main table's lake row (`be_duty` 1, LC's gate shut by a driver "
-           "call), and the time be_duty's gaps left the GPU idle.", "",
+           "Last columns: the main table of then (e03f104: `be_duty` 1, LC's gate shut by a "
+           "driver call), and the time be_duty's gaps left the GPU idle.", "",
            "| LC+BE | isolated p99 (ms) | LC p50 / p99 (ms) | p99 / isolated | BE / solo | "
-           "target | main table: p99 / isolated, BE | BE idle gaps (s) |",
+           "target | e03f104: p99 / isolated, BE | BE idle gaps (s) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     met = 0
     for r in d["runs"]:
@@ -543,11 +582,15 @@ def main() -> int:
     lines += gpu_section(gpu)
     lines += crossover(feat, gpu)
     sched = load("sched_gpu.json")
+    # the main table before stop 26's: the older sections were measured against it
+    before = load("sched_gpu_e03f104.json")
     lines += sched_section(sched)
-    lines += duty_section(load("sched_gpu_duty.json"), sched)
     ab = ab_section
 
     def rep(d: Any, title: str) -> list[str]:
+        return repeat_section(d, before, title)
+
+    def rep_now(d: Any, title: str) -> list[str]:
         return repeat_section(d, sched, title)
 
     def branch(d: Any, title: str) -> list[str]:
@@ -558,6 +601,15 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
+        (rep_now, "sched_gpu_call3.json",
+         "conv and attn LC in the call before the table's (same code, same machine)"),
+        (variants_section, "host_first_ab.json",
+         "LC requests' host paths before BE's Python (`host_first_us` 100), interleaved "
+         "A/B (adopted)"),
+        (untitled(tail_section), "timeline_tail.json", ""),
+        (rep_now, "sched_gpu_e03f104.json",
+         "The main table before stop 26 (e03f104): its lake rows"),
+        (untitled(lambda d: duty_section(d, before)), "sched_gpu_duty.json", ""),
         (variants_section, "sched_gpu_reps3.json",
          "lake at the defaults with `fill_pointwise`, every pair three times in one process"),
         (variants_section, "sched_gpu_reps3_gemm.json",
