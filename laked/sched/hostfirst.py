@@ -46,10 +46,12 @@ class HostFirst:
         if not lead_s:
             return
         with self._cond:
-            later = at > self.after
+            was = self.after
             self._at[key] = at
             self._set_after()
-            if later:
+            if self.after > was:
+                # only a hold that moved later lets BE go: another request's
+                # earlier hold keeps its waiters asleep (a wake takes the GIL)
                 self._cond.notify_all()
 
     def hold_near_end(self, key: int, lead_s: float, queued: float, avg_wait_s: float) -> None:

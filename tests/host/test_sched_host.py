@@ -665,3 +665,33 @@ def test_host_first_holds_until_every_lc_request_is_released() -> None:
     assert hf.after == hostfirst.INF
     assert hostfirst.next_wait(0.0, 0.5) == 0.5
     assert hostfirst.next_wait(1.0, 0.0) == pytest.approx(1.0 - hostfirst.EMA)
+
+
+def test_host_first_keeps_be_asleep_while_another_request_still_holds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One LC request's hold moving later does not wake BE threads that a
+    second request's hold (from now) still keeps waiting."""
+    import time
+    monkeypatch.setattr(hostfirst, "CAP_S", 5.0)
+    hf = hostfirst.HostFirst()
+    hf.hold(1, 100e-6)
+    hf.hold(2, 100e-6)
+    wakes = 0
+    real = hf._cond.wait
+
+    def counted(timeout: float | None = None) -> bool:
+        nonlocal wakes
+        r = real(timeout)
+        wakes += 1
+        return r
+    monkeypatch.setattr(hf._cond, "wait", counted)
+    done: list[float] = []
+    th = _pauser(hf, done)
+    time.sleep(0.05)
+    hf.hold_near_end(1, 100e-6, time.perf_counter(), 10.0)   # request 1's GPU work runs
+    time.sleep(0.05)
+    assert not done and wakes == 0, "request 2's hold let BE go, or woke it for nothing"
+    hf.release(2)
+    th.join(5)
+    assert done and wakes == 1
+    hf.release(1)
