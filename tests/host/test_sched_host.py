@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import types
 
 import pytest
@@ -593,7 +594,6 @@ def test_gate_watchdog_reopens_only_a_generation_held_too_long() -> None:
 
 def _pauser(hf: "hostfirst.HostFirst", done: list[float]) -> threading.Thread:
     """A BE thread at its next op: pause(), then the host time it went on."""
-    import time
 
     def run() -> None:
         hf.pause()
@@ -605,7 +605,6 @@ def _pauser(hf: "hostfirst.HostFirst", done: list[float]) -> threading.Thread:
 
 def test_host_first_holds_be_only_while_an_lc_host_path_runs(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import time
     monkeypatch.setattr(hostfirst, "CAP_S", 5.0)    # only a release lets it go
     hf = hostfirst.HostFirst()
     hf.pause()                                  # nothing held: goes straight on
@@ -626,7 +625,6 @@ def test_host_first_holds_be_only_while_an_lc_host_path_runs(
 
 def test_host_first_lets_be_run_while_lc_is_on_the_gpu_until_near_its_end(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import time
     hf = hostfirst.HostFirst()
     hf.hold(7, 100e-6)
     monkeypatch.setattr(hostfirst, "CAP_S", 5.0)
@@ -654,7 +652,6 @@ def test_host_first_lets_be_run_while_lc_is_on_the_gpu_until_near_its_end(
 
 
 def test_host_first_holds_until_every_lc_request_is_released() -> None:
-    import time
     hf = hostfirst.HostFirst()
     hf.hold(1, 50e-6)
     hf.hold(2, 50e-6, time.perf_counter() + 10.0)
@@ -671,7 +668,6 @@ def test_host_first_keeps_be_asleep_while_another_request_still_holds(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """One LC request's hold moving later does not wake BE threads that a
     second request's hold (from now) still keeps waiting."""
-    import time
     monkeypatch.setattr(hostfirst, "CAP_S", 5.0)
     hf = hostfirst.HostFirst()
     hf.hold(1, 100e-6)
