@@ -22,8 +22,9 @@
   Torch work is cut by the op-level atomizer (``opmode.py``), row ops by
   ``run_be``.
 - **The GIL.**  While an LC request runs its host path (arrival to launch,
-  and from ``host_first_us`` before its predicted end to its return), BE
-  threads wait at their next op (``hostfirst.py``).
+  and from ``host_first_us`` before its predicted end to its return; an
+  LC tenant's INFER batch throughout), BE threads wait at their next op
+  (``hostfirst.py``).
 - **Kernel and cu* tenants.**  Work the GPU executor launches on raw
   streams (lake_infer GPU batches and kernel cu* sessions, as the tenant
   ``kernel``; user clients' cu* sessions, as the client's tenant) is bound

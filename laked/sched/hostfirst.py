@@ -14,7 +14,9 @@ So while an LC request is in its host path, BE threads wait at their next
 op (``pause``) instead of running Python.  The host path is two spans: the
 request's arrival until its work is queued, and a little before its GPU
 work is predicted to end until the request returns.  In between, while the
-GPU runs LC, BE's threads issue as before.  A BE thread waits at most
+GPU runs LC, BE's threads issue as before.  An LC tenant's INFER batch
+(tenancy.py) is host path from start to end: its GPU work is tens of
+microseconds among copies and driver calls.  A BE thread waits at most
 ``CAP_S`` each time (a wrong prediction, a stuck request), and it waits at
 the top of an op, holding none of the arbiter's locks.  Pure Python, so
 host-tested.

@@ -23,7 +23,10 @@ through torch, so the arbiter cannot atomize that work; it can gate it:
   order (a store, not a max): a park may then wait for the following
   launch or its host release.
 - **INFER batches** end as LC requests once their output is in the
-  region (``request``), not once their launches are queued.
+  region (``request``), not once their launches are queued.  While an LC
+  tenant's batch runs, BE jobs' Python waits at its next op
+  (``host_first_us``, hostfirst.py): the batch is nearly all host time
+  (copies, launches, driver calls that each hand the GIL over).
 - **BE tenant** (a user client that asked for BE): every launch first waits
   on the GPU for all LC gates.  Its kernels run whole: laked cannot cut a
   cubin it did not compile into block ranges.
@@ -46,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -142,12 +146,18 @@ class GpuTenancy(Tenancy):
         LC request does (arbiter.run_lc), not once its launches are queued.
         A BE issuer woken at the queueing would run its Python through the
         rest of the batch (the copy back, the completion), and each of the
-        batch's remaining steps would wait for the GIL."""
+        batch's remaining steps would wait for the GIL.  For the same reason
+        BE's Python waits (hostfirst.py) while an LC tenant's batch runs."""
+        key = threading.get_ident()
+        if self.gt.is_lc:
+            # the whole batch is host path: its GPU work is tens of us
+            self.arb.host_first.hold(key, self.arb.knobs.host_first_us / 1e6)
         self._leaves_due = 0
         try:
             with super().request(items):
                 yield
         finally:
+            self.arb.host_first.release(key)
             due, self._leaves_due = self._leaves_due, None
             for _ in range(due):
                 self.arb._leave(self.gt)            # noqa: SLF001

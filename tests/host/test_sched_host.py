@@ -430,8 +430,10 @@ class _Arb:
     def __init__(self, gates: _RecordingGates, counters: int = 4) -> None:
         pytest.importorskip("torch")
         from laked.sched.arbiter import GpuArbiter
+        from laked.sched.hostfirst import HostFirst
         from laked.sched.knobs import Knobs
         self.knobs = Knobs(park_raw=True)
+        self.host_first = HostFirst()
         self._next_request = types.MethodType(GpuArbiter._next_request, self)
         self._mark = types.MethodType(GpuArbiter._mark, self)
         self.parks = _RecordingParks(gates.calls, counters)
@@ -517,6 +519,31 @@ def test_an_infer_batch_leaves_once_it_is_done_not_once_it_is_queued() -> None:
     assert arb.active == 0 and t.errors == 1     # a failed batch leaves too
     ten.after_launch(0x10, ten.before_launch(0x10))
     assert arb.active == 0                       # a launch outside a batch leaves at once
+
+
+def test_an_lc_infer_batch_holds_be_python_until_it_is_done() -> None:
+    """host_first_us: BE's Python yields from an LC tenant's batch's start to
+    its end, a failed one too; a BE tenant's batch and the knob at 0 hold nothing."""
+    from laked.sched.hostfirst import INF
+    from laked.sched.tenancy import GpuTenancy
+    gates = _RecordingGates()
+    arb = _Arb(gates)
+    lc = GpuTenancy(arb, _tenant("LC", gates.slot()))     # type: ignore[arg-type]
+    be = GpuTenancy(arb, _tenant("BE", gates.slot()))     # type: ignore[arg-type]
+    with lc.request(64):
+        assert arb.host_first.after <= time.perf_counter()
+        lc.after_launch(0x10, lc.before_launch(0x10))
+        assert arb.host_first.after <= time.perf_counter()    # still held past the launch
+    assert arb.host_first.after == INF
+    with pytest.raises(RuntimeError):
+        with lc.request(1):
+            raise RuntimeError("the copy back failed")
+    assert arb.host_first.after == INF
+    with be.request(8):
+        assert arb.host_first.after == INF
+    arb.knobs.host_first_us = 0.0
+    with lc.request(8):
+        assert arb.host_first.after == INF
 
 
 def test_tenancy_goes_ungated_when_a_gate_fails(caplog: pytest.LogCaptureFixture) -> None:
