@@ -30,8 +30,10 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import sys
 import threading
 import time
+import traceback
 from typing import Any, Iterable
 
 import numpy as np
@@ -41,6 +43,7 @@ from .partition import _driver, check
 log = logging.getLogger("laked.sched.gate")
 
 SLOTS = 256     # LC tenants' gates, one per raw stream of kernel/cu* tenants
+STACKS_LOGGED = 3   # forced opens that log every thread's stack (where the stall sat)
 _DEVICEMAP = 0x02   # CU_MEMHOSTALLOC_DEVICEMAP
 _PORTABLE = 0x01    # CU_MEMHOSTALLOC_PORTABLE: every context may map it
 
@@ -75,6 +78,15 @@ def overdue(flags: "ctypes.Array[ctypes.c_uint32]", seen: dict[int, tuple[int, f
     return late
 
 
+def thread_stacks(limit: int = 6) -> str:
+    """Every thread's innermost ``limit`` Python frames, the caller's left out."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    return "".join(f"  {names.get(ident, ident)}:\n" + "".join(
+                       "    " + line for line in traceback.format_stack(frame, limit)
+                   ) for ident, frame in sys._current_frames().items() if ident != me)
+
+
 def pinned_words(cu: Any, n: int, what: str) -> tuple[int, int, "ctypes.Array[ctypes.c_uint32]"]:
     """``n`` zeroed 32-bit words in pinned, device-mapped host memory: (host
     address, device address, the words as a ctypes array)."""
@@ -98,6 +110,7 @@ class Gates:
         self._lock = threading.Lock()
         self._gen = itertools.count(1)
         self.forced_opens = 0
+        self.stacks_left = STACKS_LOGGED    # forced opens still to log with stacks
         self._eq = int(cu.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ)
         self._stop = threading.Event()
         self._wd = threading.Thread(target=self._watch, name="laked-gate-watchdog", daemon=True)
@@ -171,10 +184,14 @@ class Gates:
                 log.exception("gate watchdog: a scan failed; scanning again")
                 continue
             for s in late:
+                # taken while the stall lasts: the threads still sit where it holds them
+                stacks = thread_stacks() if self.stacks_left > 0 else ""
+                self.stacks_left -= bool(stacks)
                 self.open_now(s)
                 self.forced_opens += 1
                 log.warning("gate %d shut for over %.0f ms by one LC request: reopened, "
-                            "BE work resumes", s, self.timeout_s * 1e3)
+                            "BE work resumes%s", s, self.timeout_s * 1e3,
+                            stacks and "; laked's threads were at:\n" + stacks)
 
     def close_all(self) -> None:
         self._stop.set()

@@ -363,6 +363,8 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
                                                        "requests", "p50_ms", "p99_ms")}
                             for k in (tl.name, tb.name)}
             r["gates_forced_open"] = arb.gates.forced_opens
+            # a thread left from an earlier pair would compete with this one's
+            r["threads"] = sorted(th.name for th in threading.enumerate())
             r["be_pacer"] = pacer_stats(tb) | {
                 k: round(v - parks0[k], 6)
                 for k, v in (arb.parks.stats() | arb.host_first.stats()).items()}

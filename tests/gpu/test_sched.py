@@ -239,7 +239,9 @@ def test_be_parks_behind_lc_on_the_gpu_and_a_late_park_is_let_go(arb) -> None:  
         arb.remove_tenant(be)
 
 
-def test_gate_holds_be_until_lc_ends_and_watchdog_reopens(arb) -> None:  # type: ignore[no-untyped-def]
+def test_gate_holds_be_until_lc_ends_and_watchdog_reopens(arb, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The watchdog reopens a gate no queued work will open, and logs where
+    every thread was while it stayed shut (this one: waiting on the event)."""
     from laked.tenants import TenantSpec
     lc = arb.add_tenant(TenantSpec("t-gate", "LC", 0, kind="kernel"))
     try:
@@ -249,6 +251,7 @@ def test_gate_holds_be_until_lc_ends_and_watchdog_reopens(arb) -> None:  # type:
             x @ x                               # cuBLAS ready before anything waits
         s.synchronize()
         forced = arb.gates.forced_opens
+        arb.gates.stacks_left = 1               # earlier tests' opens may have used them up
         arb.gates.close(lc.slot, torch.cuda.current_stream().cuda_stream)
         torch.cuda.current_stream().synchronize()
         arb.gates.wait(s.cuda_stream, [lc.slot])
@@ -259,9 +262,12 @@ def test_gate_holds_be_until_lc_ends_and_watchdog_reopens(arb) -> None:  # type:
         time.sleep(0.05)
         assert not ev.query()                   # held by the gate
         t0 = time.perf_counter()
-        ev.synchronize()                        # the watchdog reopens it
+        with caplog.at_level("WARNING", logger="laked.sched.gate"):
+            ev.synchronize()                    # the watchdog reopens it
         waited = time.perf_counter() - t0
         assert arb.gates.forced_opens == forced + 1
+        assert "laked's threads were at" in caplog.text
+        assert "MainThread" in caplog.text and "synchronize" in caplog.text
         assert waited < arb.knobs.gate_timeout_ms / 1e3 + 0.2
         assert torch.equal(y, x @ x)
     finally:

@@ -718,3 +718,18 @@ def test_host_first_keeps_be_asleep_while_another_request_still_holds(
     th.join(5)
     assert done and wakes == 1
     hf.release(1)
+
+
+def test_thread_stacks_name_each_other_thread_where_it_waits() -> None:
+    """What the gate watchdog logs on a forced open: every other thread by name, at its frame."""
+    from laked.sched.gate import thread_stacks
+    ev = threading.Event()
+    th = threading.Thread(target=ev.wait, name="lake-test-waiter")
+    th.start()
+    try:
+        out = thread_stacks()
+    finally:
+        ev.set()
+        th.join()
+    assert "  lake-test-waiter:\n" in out and "in wait" in out
+    assert "MainThread" not in out          # the caller's own stack is left out
