@@ -593,6 +593,9 @@ def main() -> int:
     def rep_now(d: Any, title: str) -> list[str]:
         return repeat_section(d, sched, title)
 
+    def rep_s26(d: Any, title: str) -> list[str]:
+        return repeat_section(d, load("sched_gpu_a04b716.json"), title)
+
     def branch(d: Any, title: str) -> list[str]:
         return repeat_section(d, load("sched_gpu_previous.json"), title)
 
@@ -601,8 +604,16 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
-        (rep_now, "sched_gpu_call3.json",
-         "conv and attn LC in the call before the table's (same code, same machine)"),
+        (rep_now, "sched_gpu_s27_call3.json",
+         "gemm and attn LC beside mem and train again, on a fresh machine"),
+        (variants_section, "kinfer_hostfirst_ab.json",
+         "Kernel INFER: BE's Python held through each batch (`host_first_us`), interleaved "
+         "A/B (adopted)"),
+        (variants_section, "be_duty90_ab.json",
+         "`be_duty` 0.9 beside the GEMM loop, interleaved A/B (not adopted)"),
+        (rep_now, "sched_gpu_a04b716.json", "Stop 26's main table (a04b716): its lake rows"),
+        (rep_s26, "sched_gpu_a04b716_call3.json",
+         "Stop 26: conv and attn LC in the call before its table's (same code, same machine)"),
         (variants_section, "host_first_ab.json",
          "LC requests' host paths before BE's Python (`host_first_us` 100), interleaved "
          "A/B (adopted)"),
