@@ -82,9 +82,13 @@ def thread_stacks(limit: int = 6) -> str:
     """Every thread's innermost ``limit`` Python frames, the caller's left out."""
     names = {t.ident: t.name for t in threading.enumerate()}
     me = threading.get_ident()
-    return "".join(f"  {names.get(ident, ident)}:\n" + "".join(
-                       "    " + line for line in traceback.format_stack(frame, limit)
-                   ) for ident, frame in sys._current_frames().items() if ident != me)
+    out = []
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        lines = traceback.format_stack(frame, limit)
+        out.append(f"  {names.get(ident, ident)}:\n" + "".join("    " + x for x in lines))
+    return "".join(out)
 
 
 def pinned_words(cu: Any, n: int, what: str) -> tuple[int, int, "ctypes.Array[ctypes.c_uint32]"]:
