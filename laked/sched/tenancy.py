@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -148,16 +147,13 @@ class GpuTenancy(Tenancy):
         rest of the batch (the copy back, the completion), and each of the
         batch's remaining steps would wait for the GIL.  For the same reason
         BE's Python waits (hostfirst.py) while an LC tenant's batch runs."""
-        key = threading.get_ident()
-        if self.gt.is_lc:
-            # the whole batch is host path: its GPU work is tens of us
-            self.arb.host_first.hold(key, self.arb.knobs.host_first_us / 1e6)
+        # the whole batch is host path: its GPU work is tens of us
+        held = self.arb.host_path() if self.gt.is_lc else contextlib.nullcontext()
         self._leaves_due = 0
         try:
-            with super().request(items):
+            with held, super().request(items):
                 yield
         finally:
-            self.arb.host_first.release(key)
             due, self._leaves_due = self._leaves_due, None
             for _ in range(due):
                 self.arb._leave(self.gt)            # noqa: SLF001

@@ -587,17 +587,12 @@ def main() -> int:
     lines += sched_section(sched)
     ab = ab_section
 
-    def rep(d: Any, title: str) -> list[str]:
-        return repeat_section(d, before, title)
-
-    def rep_now(d: Any, title: str) -> list[str]:
-        return repeat_section(d, sched, title)
-
-    def rep_s26(d: Any, title: str) -> list[str]:
-        return repeat_section(d, load("sched_gpu_a04b716.json"), title)
-
-    def branch(d: Any, title: str) -> list[str]:
-        return repeat_section(d, load("sched_gpu_previous.json"), title)
+    def against(main: Any) -> Callable[[Any, str], list[str]]:
+        """A run's lake rows beside the main table they were measured against."""
+        return lambda d, title: repeat_section(d, main, title)
+    rep, rep_now = against(before), against(sched)
+    rep_s26 = against(load("sched_gpu_a04b716.json"))
+    branch = against(load("sched_gpu_previous.json"))
 
     def untitled(section: Callable[[Any], list[str]]) -> Callable[[Any, str], list[str]]:
         return lambda d, _title: section(d)

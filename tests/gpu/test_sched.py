@@ -992,13 +992,23 @@ def test_power_advice_reads_nvml_only() -> None:
     assert abs(nv.clocks_mhz() - before) < 1000     # nothing was changed, only read
 
 
-def test_be_python_waits_while_an_lc_request_runs_its_host_path(arb) -> None:  # type: ignore[no-untyped-def]
-    """host_first_us: a BE job's ops (through the atomizer) do not run
-    while an LC request's thread runs Python before its launch; with the
-    knob at 0 they interleave with it (the GIL passes every switch interval)."""
+def _after_busy_python(windows: list[tuple[float, float]], then):  # type: ignore[no-untyped-def]
+    """``then`` after 1.5 ms of the caller's Python, each such span kept in ``windows``."""
+    def run(*a):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.0015:
+            pass
+        windows.append((t0, time.perf_counter()))
+        return then(*a)
+    return run
+
+
+def _be_ops_in_windows(arb, name: str, one_round, windows) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
+    """A BE job's Python-bound ops beside ``one_round`` (LC requests whose
+    Python spans go into ``windows``), run with host_first_us as set and
+    then at 0: (BE ops inside the spans held, BE waits, ops inside them free)."""
     from laked.tenants import TenantSpec
-    be = arb.add_tenant(TenantSpec("t-hostfirst", "BE", 0, kind="job"))
-    lc, one_lc = _lc_gemm(arb, "t-hostfirst-lc")
+    be = arb.add_tenant(TenantSpec(name, "BE", 0, kind="job"))
     stamps: list[float] = []
     stop = threading.Event()
     x = torch.zeros(1024, device="cuda")
@@ -1009,38 +1019,46 @@ def test_be_python_waits_while_an_lc_request_runs_its_host_path(arb) -> None:  #
                 x.add_(1.0)                     # a few us of GPU: Python-bound
                 stamps.append(time.perf_counter())
 
-    def inside(windows: list[tuple[float, float]]) -> int:
-        return sum(1 for s in stamps for a, b in windows if a < s < b)
-
-    def requests() -> list[tuple[float, float]]:
-        windows = []
-
-        def busy_then_lc() -> None:
-            t0 = time.perf_counter()
-            while time.perf_counter() - t0 < 0.0015:    # 1.5 ms of the request's Python
-                pass
-            windows.append((t0, time.perf_counter()))
-            one_lc()
-        for _ in range(20):
-            arb.run_lc(lc, busy_then_lc)
-            time.sleep(0.003)
-        return windows
+    def inside() -> int:
+        """BE ops stamped in this round's windows."""
+        n = sum(1 for s in stamps for a, b in windows if a < s < b)
+        windows.clear()
+        return n
     th = threading.Thread(target=be_loop)
     was = arb.knobs.host_first_us
     try:
         th.start()
         time.sleep(0.05)
         waits0 = arb.host_first.waits
-        held = inside(requests())
-        waits = arb.host_first.waits - waits0
+        one_round()
+        held, waits = inside(), arb.host_first.waits - waits0
         arb.knobs.host_first_us = 0.0
-        free = inside(requests())
+        one_round()
+        free = inside()
         assert arb.host_first.waits - waits0 == waits, "the knob at 0 still held BE"
     finally:
         arb.knobs.host_first_us = was
         stop.set()
         th.join(5)
         arb.remove_tenant(be)
+    return held, waits, free
+
+
+def test_be_python_waits_while_an_lc_request_runs_its_host_path(arb) -> None:  # type: ignore[no-untyped-def]
+    """host_first_us: a BE job's ops (through the atomizer) do not run
+    while an LC request's thread runs Python before its launch; with the
+    knob at 0 they interleave with it (the GIL passes every switch interval)."""
+    lc, one_lc = _lc_gemm(arb, "t-hostfirst-lc")
+    windows: list[tuple[float, float]] = []
+    busy_then_lc = _after_busy_python(windows, one_lc)
+
+    def requests() -> None:
+        for _ in range(20):
+            arb.run_lc(lc, busy_then_lc)
+            time.sleep(0.003)
+    try:
+        held, waits, free = _be_ops_in_windows(arb, "t-hostfirst", requests, windows)
+    finally:
         arb.remove_tenant(lc)
     # held: at most the op a BE thread was in when the request came (its
     # waits end at CAP_S, 2 ms, longer than each window); a thread asleep
@@ -1054,61 +1072,23 @@ def test_be_python_waits_while_the_kernels_infer_batch_runs(arb, kernel_side) ->
     time): a BE job's ops do not run during a batch's Python; with the knob
     at 0 they interleave with it, and the batches' results are the same."""
     from laked import mlp
-    from laked.tenants import TenantSpec
-    k, s, _spin, t = kernel_side
-    be = arb.add_tenant(TenantSpec("t-hostfirst-infer", "BE", 0, kind="job"))
+    k, s, _spin, _t = kernel_side
     model = mlp.quantize(*mlp.linnos_like(5))
     blob = model.blob()
     boff = s.host_copy(blob)
     xq = mlp.to_fixed(np.random.default_rng(3).normal(size=(64, 31)), model.frac)
     want = model.run(xq)
-    stamps: list[float] = []
     windows: list[tuple[float, float]] = []
-    stop = threading.Event()
-    x = torch.zeros(1024, device="cuda")
-    run_mlp = k.executor.run_mlp
-
-    def busy_then_run(*a):  # type: ignore[no-untyped-def]
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 0.0015:        # 1.5 ms of the batch's Python
-            pass
-        windows.append((t0, time.perf_counter()))
-        return run_mlp(*a)
-
-    def be_loop() -> None:
-        with arb.be(be):
-            while not stop.is_set():
-                x.add_(1.0)
-                stamps.append(time.perf_counter())
-
-    def inside() -> int:
-        """BE ops stamped in this round's windows."""
-        n = sum(1 for s_ in stamps for a, b in windows if a < s_ < b)
-        windows.clear()
-        return n
 
     def batches() -> None:
         for _ in range(20):
             assert np.array_equal(s.infer_rows(1, 1, boff, len(blob), xq, 2), want)
             time.sleep(0.003)
-    th = threading.Thread(target=be_loop)
-    was = arb.knobs.host_first_us
-    k.executor.run_mlp = busy_then_run     # an instance attribute: op_infer calls it
+    # an instance attribute: op_infer calls it inside the batch
+    k.executor.run_mlp = _after_busy_python(windows, k.executor.run_mlp)
     try:
-        th.start()
-        time.sleep(0.05)
-        waits0 = arb.host_first.waits
-        batches()
-        held, waits = inside(), arb.host_first.waits - waits0
-        arb.knobs.host_first_us = 0.0
-        batches()
-        free = inside()
-        assert arb.host_first.waits - waits0 == waits, "the knob at 0 still held BE"
+        held, waits, free = _be_ops_in_windows(arb, "t-hostfirst-infer", batches, windows)
     finally:
         del k.executor.run_mlp
-        arb.knobs.host_first_us = was
-        stop.set()
-        th.join(5)
-        arb.remove_tenant(be)
     assert waits >= 10 and held <= 20, (held, waits, free)     # as in the test above
     assert free >= 5 * max(held, 4), (held, free)
