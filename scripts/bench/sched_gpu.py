@@ -27,6 +27,7 @@ import contextlib
 import gc
 import json
 import os
+import resource
 import statistics
 import sys
 import threading
@@ -258,6 +259,43 @@ def pctl(s: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(len(s) * q))]
 
 
+class HostNoise:
+    """What the host took from this process over a window: its threads' time
+    waiting on a run queue (schedstat), its involuntary context switches,
+    and the machine's steal time (a hypervisor running someone else).  The
+    table's bad rows come and go between processes on the same code; these
+    say whether the host was busy then.  Zeros where /proc lacks a counter."""
+
+    def __init__(self) -> None:
+        self.wait0 = self._runq_wait()
+        self.steal0 = self._steal()
+        self.ivcsw0 = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+
+    @staticmethod
+    def _runq_wait() -> dict[str, int]:
+        out = {}
+        for d in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                out[d.name] = int((d / "schedstat").read_text().split()[1])
+        return out
+
+    @staticmethod
+    def _steal() -> float:
+        """Steal seconds summed over the CPUs (USER_HZ ticks)."""
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open("/proc/stat") as f:
+                return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+        return 0.0
+
+    def read(self, seconds: float) -> dict[str, float]:
+        wait = self._runq_wait()
+        waited = sum(v - self.wait0.get(k, 0) for k, v in wait.items())
+        return {"runq_wait_ms": round(waited / 1e6, 3),
+                "runq_wait_ms_per_s": round(waited / 1e6 / seconds, 3),
+                "ivcsw": resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - self.ivcsw0,
+                "steal_s": round(self._steal() - self.steal0, 3)}
+
+
 def measure(name: str, lc_one: Callable[[], float] | None, be: BeRunner | None,
             args: argparse.Namespace, energy: Callable[[], float], seconds: float | None = None
             ) -> dict[str, Any]:
@@ -267,6 +305,7 @@ def measure(name: str, lc_one: Callable[[], float] | None, be: BeRunner | None,
         if lc_one is not None:        # steady state: LC's arrival history, caches
             paced(lc_one, args.warm, args.period_ms / 1e3)
         steps0 = be.steps if be else 0
+        noise = HostNoise()
         e0, t0 = energy(), time.perf_counter()
         gc.disable()
         try:
@@ -280,6 +319,7 @@ def measure(name: str, lc_one: Callable[[], float] | None, be: BeRunner | None,
         dt = time.perf_counter() - t0
         steps = (be.steps - steps0) if be else 0
         e1 = energy()
+        res["host"] = noise.read(dt)
     torch.cuda.synchronize()
     res["seconds"] = dt
     if lat:
@@ -386,7 +426,9 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
         print(f"  {lc.name:>4}+{be.name:<5} {label or r['config']:>7}: LC p50 "
               f"{r['lc']['p50_ms']:.3f} p99 {r['lc']['p99_ms']:.3f} ms "
               f"(x{r['lc_p50_ratio']:.2f}/x{r['lc_p99_ratio']:.2f})"
-              f" BE x{r['be_ratio']:.2f} goodput {r['goodput']:.3f}", flush=True)
+              f" BE x{r['be_ratio']:.2f} goodput {r['goodput']:.3f}"
+              f" | host runq {r['host']['runq_wait_ms_per_s']:.1f} ms/s"
+              f" steal {r['host']['steal_s']:.2f} s", flush=True)
     return out
 
 
@@ -498,7 +540,10 @@ def main() -> int:
         print(f"  isolated LC {lc.name}: p50 {r_iso['lc']['p50_ms']:.3f} p99 "
               f"{r_iso['lc']['p99_ms']:.3f} ms (eager {r_eager['lc']['p50_ms']:.3f}/"
               f"{r_eager['lc']['p99_ms']:.3f}); through the arbiter alone x"
-              f"{r_alone['lc_p50_ratio']:.3f}/x{r_alone['lc_p99_ratio']:.3f}", flush=True)
+              f"{r_alone['lc_p50_ratio']:.3f}/x{r_alone['lc_p99_ratio']:.3f} | host runq "
+              f"{r_iso['host']['runq_wait_ms_per_s']:.1f}/"
+              f"{r_alone['host']['runq_wait_ms_per_s']:.1f} ms/s steal "
+              f"{r_iso['host']['steal_s']:.2f}/{r_alone['host']['steal_s']:.2f} s", flush=True)
         if variants:
             runs.extend(run_variants(lc, bes, variants, arb, il, args, energy, streams))
         else:
