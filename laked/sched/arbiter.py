@@ -68,7 +68,7 @@ from .fast import Events, ensure_ctx, ensure_thread, raw_stream, set_primary, us
 from .pacer import Pacer
 from .park import MASK, Parks
 from .partition import Partition, Partitions, check
-from .plan import INF, Ask, LcView, Plan, atom_s, decide, next_due
+from .plan import INF, Ask, LcView, Plan, atom_s, decide, next_due, stuck
 from .rightsize import KernelModel
 from .tenancy import GpuTenancy
 
@@ -511,6 +511,20 @@ class GpuArbiter(Arbiter):
                 p.hold_s += time.perf_counter() - now
             else:
                 p.lc_wait_s += time.perf_counter() - now
+                self._unstick(ts)
+
+    def _unstick(self, ts: tuple[GpuTenant, ...]) -> None:
+        """Open the gates of LC requests stuck behind a BE gate wait (plan.stuck).
+        Such a request's work stays queued until its gate opens (gate.py); the
+        watchdog would open it after gate_timeout_ms, while BE, which this
+        issuer is, waits for the request all that time."""
+        now = time.perf_counter()
+        for t in ts:
+            running = now - t.last_start
+            if t.active and stuck(running, t.gpu_wait, self.knobs):
+                for s in t.gate_slots():
+                    if self.gates.is_shut(s):
+                        self.gates.open_stuck(s, t.name, running)
 
     def _park_on(self, ts: tuple[GpuTenant, ...], v: LcView) -> tuple[int, int, float] | None:
         """The wait for the LC request ``v`` expects next (None: its tenant
@@ -683,6 +697,7 @@ class GpuArbiter(Arbiter):
             "total_sms": self.parts.total_sms, "unit_sms": self.parts.unit,
             "knobs": vars(self.knobs), "lc_active": self.lc_active,
             "gates_forced_open": self.gates.forced_opens,
+            "gates_opened_early": self.gates.early_opens,
             "parks": self.parks.stats(),
             "host_first": self.host_first.stats(),
             "queue_delay_us": self.queue_delay_us(),

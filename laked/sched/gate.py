@@ -44,6 +44,7 @@ log = logging.getLogger("laked.sched.gate")
 
 SLOTS = 256     # LC tenants' gates, one per raw stream of kernel/cu* tenants
 STACKS_LOGGED = 3   # forced opens that log every thread's stack (where the stall sat)
+EARLY_LOGGED = 10   # early opens logged one by one (then every 100th)
 _DEVICEMAP = 0x02   # CU_MEMHOSTALLOC_DEVICEMAP
 _PORTABLE = 0x01    # CU_MEMHOSTALLOC_PORTABLE: every context may map it
 
@@ -114,6 +115,7 @@ class Gates:
         self._lock = threading.Lock()
         self._gen = itertools.count(1)
         self.forced_opens = 0
+        self.early_opens = 0            # opened by a BE issuer (open_stuck)
         self.stacks_left = STACKS_LOGGED    # forced opens still to log with stacks
         self._eq = int(cu.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ)
         self._stop = threading.Event()
@@ -176,6 +178,17 @@ class Gates:
         """Open a gate from the host: a store into the pinned flag, which no
         GPU queue stands in front of."""
         self.flags[slot] = 0
+
+    def open_stuck(self, slot: int, who: str, running_s: float) -> None:
+        """Open the gate of an LC request stuck behind a BE gate wait (what the
+        watchdog does, found sooner by a BE issuer held for the request)."""
+        self.open_now(slot)
+        self.early_opens += 1
+        n = self.early_opens
+        if n <= EARLY_LOGGED or n % 100 == 0:
+            log.warning("lake: gate %d: %s's LC request still running after %.1f ms, "
+                        "far past its usual time: opened early (%d so far)", slot, who,
+                        running_s * 1e3, n)
 
     def _watch(self) -> None:
         """Reopen gates shut for longer than ``timeout_s`` (see the module

@@ -38,6 +38,8 @@ class Knobs:
     rightsize: bool = True
     probe_after: int = 32           # requests on the whole GPU before the probe
     gate_timeout_ms: float = 500.0  # watchdog: reopen a gate shut this long
+    unstick_ms: float = 5.0         # a held BE issuer opens the gates of an LC request
+                                    # running this long and 8x its usual time (0: never)
     energy_interval_s: float = 0.25
     gil_switch_us: float = 50.0     # laked's threads hand the GIL over within this
     host_first_us: float = 100.0    # BE's Python waits while an LC request's host path runs:

@@ -22,6 +22,7 @@ from .knobs import Knobs
 
 INF = float("inf")
 PHASE_GAIN = 0.25    # share of an arrival's lateness that moves the next prediction
+UNSTICK_X = 8.0      # an LC request this many times its tenant's usual GPU wait is stuck
 
 
 @dataclass(slots=True)
@@ -122,3 +123,13 @@ def next_due(due: float, now: float, gap: float) -> float:
     if due and 0 <= off < gap / 2:
         return due + PHASE_GAIN * off + gap
     return now + gap
+
+
+def stuck(running_s: float, gpu_wait_s: float, k: Knobs) -> bool:
+    """An LC request that has run ``running_s`` is stuck behind a BE gate wait
+    (gate.py): past ``unstick_ms`` and UNSTICK_X times its tenant's usual wait
+    for the GPU.  Never for a tenant with no measured wait yet (its first
+    requests, kernel tenants' batches) nor with the knob at 0."""
+    if not k.unstick_ms or gpu_wait_s <= 0:
+        return False
+    return running_s > max(k.unstick_ms / 1e3, UNSTICK_X * gpu_wait_s)

@@ -403,6 +403,7 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
                                                        "requests", "p50_ms", "p99_ms")}
                             for k in (tl.name, tb.name)}
             r["gates_forced_open"] = arb.gates.forced_opens
+            r["gates_opened_early"] = arb.gates.early_opens
             # a thread left from an earlier pair would compete with this one's
             r["threads"] = sorted(th.name for th in threading.enumerate())
             r["be_pacer"] = pacer_stats(tb) | {
@@ -428,7 +429,9 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
               f"(x{r['lc_p50_ratio']:.2f}/x{r['lc_p99_ratio']:.2f})"
               f" BE x{r['be_ratio']:.2f} goodput {r['goodput']:.3f}"
               f" | host runq {r['host']['runq_wait_ms_per_s']:.1f} ms/s"
-              f" steal {r['host']['steal_s']:.2f} s", flush=True)
+              f" steal {r['host']['steal_s']:.2f} s"
+              f" | gates opened early {r.get('gates_opened_early', '-')}"
+              f" forced {r.get('gates_forced_open', '-')}", flush=True)
     return out
 
 

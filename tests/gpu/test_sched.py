@@ -275,6 +275,68 @@ def test_gate_holds_be_until_lc_ends_and_watchdog_reopens(arb, caplog) -> None: 
         arb.remove_tenant(lc)
 
 
+def _be_queue_passed(arb, stuck_flag: int, lc, one_lc, wait_s: float) -> bool:  # type: ignore[no-untyped-def]
+    """Start an LC request that cannot finish (its stream waits on
+    ``stuck_flag``, shut), and say whether BE's work queued by then ran
+    within ``wait_s`` (it sits behind the request's gate); then let the
+    request finish."""
+    g = arb.gates
+    g.close_now(stuck_flag)
+
+    def stuck() -> None:
+        g.wait(torch.cuda.current_stream().cuda_stream, [stuck_flag])
+        one_lc()
+    th = threading.Thread(target=arb.run_lc, args=(lc, stuck))
+    th.start()
+    try:
+        time.sleep(0.003)                   # the request has shut its gate
+        ev = torch.cuda.Event()
+        ev.record(arb.full.torch_stream(arb.prio_lo))     # BE's queue so far
+        time.sleep(wait_s)
+        assert th.is_alive(), "the stuck request finished on its own"
+        return ev.query()
+    finally:
+        g.open_now(stuck_flag)
+        th.join(5)
+
+
+def test_a_held_be_issuer_opens_a_stuck_lc_requests_gate(arb, caplog) -> None:  # type: ignore[no-untyped-def]
+    """An LC request whose work stays queued (here: behind a flag only the
+    test opens; in a stall, behind a BE gate wait) leaves BE's queued atoms
+    at its gate.  The BE issuer, held on the host for the request, opens
+    the gate once the request runs past unstick_ms and 8x its usual time,
+    long before the watchdog's gate_timeout_ms; with the knob at 0 the
+    atoms stay where they are."""
+    from laked.tenants import TenantSpec
+    lc, one_lc = _lc_gemm(arb, "t-stuck-lc")
+    be = arb.add_tenant(TenantSpec("t-stuck-be", "BE", 0, kind="job"))
+    a, b, out = _int_gemm()
+    flag = arb.gates.slot()
+    g = arb.gates
+    unstick = arb.knobs.unstick_ms
+    try:
+        _lc_requests(arb, lc, one_lc, 50)           # the tenant's usual wait for the GPU
+        assert 0 < lc.gpu_wait < unstick / 1e3 / 8
+        early, forced = g.early_opens, g.forced_opens
+        with _be_gemms(arb, be, a, b, out, 0.2):
+            with caplog.at_level("WARNING", logger="laked.sched.gate"):
+                assert _be_queue_passed(arb, flag, lc, one_lc, 0.08)
+            assert g.early_opens == early + 1
+            arb.knobs.unstick_ms = 0        # (the stuck request raised the usual time)
+            time.sleep(0.05)
+            assert not _be_queue_passed(arb, flag, lc, one_lc, 0.08)
+        assert g.early_opens == early + 1
+        assert "t-stuck-lc's LC request still running" in caplog.text
+        assert g.forced_opens == forced             # the watchdog had nothing to do
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out.float(), (a @ b).float(), rtol=1e-2, atol=2.0)
+    finally:
+        arb.knobs.unstick_ms = unstick
+        g.release(flag)
+        arb.remove_tenant(lc)
+        arb.remove_tenant(be)
+
+
 def test_watchdog_breaks_a_circular_wait_between_gates(arb) -> None:  # type: ignore[no-untyped-def]
     """Two streams each queue their gate's open behind a wait on the other's
     gate (what a shared hardware queue makes of an LC request queued behind

@@ -183,6 +183,18 @@ def test_arrival_prediction_keeps_the_rhythm_through_one_late_start() -> None:
     assert next_due(due, 1.030, gap) == pytest.approx(1.035)   # a new rhythm: reset
 
 
+def test_an_lc_request_is_stuck_only_far_past_its_usual_time() -> None:
+    from laked.sched.knobs import Knobs
+    from laked.sched.plan import UNSTICK_X, stuck
+    k = Knobs()                                   # unstick_ms 5
+    assert not stuck(4.9e-3, 0.3e-3, k)           # under the floor
+    assert stuck(5.1e-3, 0.3e-3, k)               # past it, and 17x its usual wait
+    assert not stuck(20e-3, 3e-3, k)              # a slow tenant: 8x its wait is 24 ms
+    assert stuck(UNSTICK_X * 3e-3 + 1e-3, 3e-3, k)
+    assert not stuck(1.0, 0.0, k)                 # no measured wait (kernel batches)
+    assert not stuck(1.0, 0.3e-3, Knobs.from_dict({"unstick_ms": 0}))   # off
+
+
 # -- the op atomizer's splitters and the knobs (CPU tensors; the mode itself is GPU-only) --
 def test_governor_trades_be_share_for_clock_only_while_lc_is_active() -> None:
     from laked.sched.governor import DOWN, UP, Governor, target_mhz
