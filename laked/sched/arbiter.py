@@ -478,7 +478,7 @@ class GpuArbiter(Arbiter):
         k = self.knobs
         seq0 = self.lc_seq
         while True:
-            p.wait_depth(k.depth)
+            p.wait_depth(k.depth, self._wait_lc)
             leaves = self._leaves
             now = time.perf_counter()
             ts = self.lc_tenants()          # one snapshot per plan
@@ -512,6 +512,21 @@ class GpuArbiter(Arbiter):
             else:
                 p.lc_wait_s += time.perf_counter() - now
                 self._unstick(ts)
+
+    def _wait_lc(self) -> bool:
+        """A BE issuer with no room: while an LC request runs on the whole GPU,
+        sleep until one ends (HOLD_POLL_S at most) and look for a stuck one
+        (its queue's oldest atom may wait at the request's gate, so the
+        atom's event would not end before the watchdog).  False: none runs."""
+        leaves = self._leaves
+        ts = self.lc_tenants()
+        if not any(t.active and t.partition is None for t in ts):
+            return False
+        with self._lc_ended:
+            if self._leaves == leaves:
+                self._lc_ended.wait(HOLD_POLL_S)
+        self._unstick(ts)
+        return True
 
     def _unstick(self, ts: tuple[GpuTenant, ...]) -> None:
         """Open the gates of LC requests stuck behind a BE gate wait (plan.stuck).

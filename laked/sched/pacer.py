@@ -329,16 +329,19 @@ class Pacer:
             r = min(max(r, guess / RATE_X), guess * RATE_X)
         return r if old is None else 0.7 * old + 0.3 * r
 
-    def wait_depth(self, depth: int) -> None:
+    def wait_depth(self, depth: int, lc_wait: Callable[[], bool] | None = None) -> None:
         """Wait until fewer than ``depth`` atoms are in flight.  The wait is on
         the oldest atom's event: a polling issuer took the GIL from LC's
-        threads at every wake, about every 70 us."""
+        threads at every wake, about every 70 us.  While ``lc_wait`` finds LC
+        work running it waits instead (returning True): the oldest atom may sit
+        at that request's gate, and a request stuck behind it is found there."""
         self.reap()
         if len(self.inflight) < depth:
             return
         t0 = time.perf_counter()
         while len(self.inflight) >= depth:
-            self.ev.wait(self.inflight[0].end)
+            if lc_wait is None or not lc_wait():
+                self.ev.wait(self.inflight[0].end)
             self.reap()
         self.wait_depth_s += time.perf_counter() - t0
 

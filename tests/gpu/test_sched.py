@@ -275,11 +275,11 @@ def test_gate_holds_be_until_lc_ends_and_watchdog_reopens(arb, caplog) -> None: 
         arb.remove_tenant(lc)
 
 
-def _be_queue_passed(arb, stuck_flag: int, lc, one_lc, wait_s: float) -> bool:  # type: ignore[no-untyped-def]
+def _gated_work_passed(arb, stuck_flag: int, lc, one_lc, wait_s: float) -> bool:  # type: ignore[no-untyped-def]
     """Start an LC request that cannot finish (its stream waits on
-    ``stuck_flag``, shut), and say whether BE's work queued by then ran
-    within ``wait_s`` (it sits behind the request's gate); then let the
-    request finish."""
+    ``stuck_flag``, shut), queue work behind its gate on a side stream (as
+    BE's atoms are) and say whether that work ran within ``wait_s``; then
+    let the request finish."""
     g = arb.gates
     g.close_now(stuck_flag)
 
@@ -287,26 +287,33 @@ def _be_queue_passed(arb, stuck_flag: int, lc, one_lc, wait_s: float) -> bool:  
         g.wait(torch.cuda.current_stream().cuda_stream, [stuck_flag])
         one_lc()
     th = threading.Thread(target=arb.run_lc, args=(lc, stuck))
-    th.start()
+    side = torch.cuda.Stream()
+    x = torch.ones(1024, device="cuda")
     try:
-        time.sleep(0.003)                   # the request has shut its gate
+        th.start()
+        while not g.is_shut(lc.slot):       # the request has shut its gate
+            time.sleep(0.0002)
+        g.wait(side.cuda_stream, [lc.slot])
+        with torch.cuda.stream(side):
+            x.add_(1.0)
         ev = torch.cuda.Event()
-        ev.record(arb.full.torch_stream(arb.prio_lo))     # BE's queue so far
+        ev.record(side)
         time.sleep(wait_s)
         assert th.is_alive(), "the stuck request finished on its own"
         return ev.query()
     finally:
         g.open_now(stuck_flag)
         th.join(5)
+        side.synchronize()
 
 
 def test_a_held_be_issuer_opens_a_stuck_lc_requests_gate(arb, caplog) -> None:  # type: ignore[no-untyped-def]
     """An LC request whose work stays queued (here: behind a flag only the
-    test opens; in a stall, behind a BE gate wait) leaves BE's queued atoms
-    at its gate.  The BE issuer, held on the host for the request, opens
-    the gate once the request runs past unstick_ms and 8x its usual time,
-    long before the watchdog's gate_timeout_ms; with the knob at 0 the
-    atoms stay where they are."""
+    test opens; in a stall, behind a BE gate wait) holds back the work queued
+    at its gate.  The BE issuer, held on the host for the request, opens the
+    gate once the request runs past unstick_ms and 8x its usual time, long
+    before the watchdog's gate_timeout_ms; with the knob at 0 the work stays
+    where it is."""
     from laked.tenants import TenantSpec
     lc, one_lc = _lc_gemm(arb, "t-stuck-lc")
     be = arb.add_tenant(TenantSpec("t-stuck-be", "BE", 0, kind="job"))
@@ -320,11 +327,13 @@ def test_a_held_be_issuer_opens_a_stuck_lc_requests_gate(arb, caplog) -> None:  
         early, forced = g.early_opens, g.forced_opens
         with _be_gemms(arb, be, a, b, out, 0.2):
             with caplog.at_level("WARNING", logger="laked.sched.gate"):
-                assert _be_queue_passed(arb, flag, lc, one_lc, 0.08)
+                assert _gated_work_passed(arb, flag, lc, one_lc, 0.08)
             assert g.early_opens == early + 1
             arb.knobs.unstick_ms = 0        # (the stuck request raised the usual time)
+            assert not _gated_work_passed(arb, flag, lc, one_lc, 0.08)
+            items = be.items
             time.sleep(0.05)
-            assert not _be_queue_passed(arb, flag, lc, one_lc, 0.08)
+            assert be.items > items             # BE goes on once the request ends
         assert g.early_opens == early + 1
         assert "t-stuck-lc's LC request still running" in caplog.text
         assert g.forced_opens == forced             # the watchdog had nothing to do
