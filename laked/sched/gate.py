@@ -24,6 +24,9 @@ with the flags in device memory no queue could reach them to let the wait
 go.  The watchdog reads the flags themselves: one that has held the same
 generation for longer than ``timeout_s`` is reopened from the host,
 counted and logged, so a stall costs at most that long and never hangs.
+A BE issuer held for the request usually gets there first (``open_stuck``,
+GpuArbiter._unstick): it is awake every few milliseconds while LC runs and
+knows the tenant's usual time, so a stall costs milliseconds, not 500.
 """
 from __future__ import annotations
 

@@ -95,8 +95,16 @@ def _pair_rows(d: Any, configs: tuple[str, ...]) -> list[str]:
                     f"{f(r['lc']['p50_ms'], 3)} | {f(r['lc']['p99_ms'], 3)} | "
                     f"{f(r['lc']['max_ms'], 2)} | {f(r['lc_p50_ratio'])}x | "
                     f"{f(r['lc_p99_ratio'])}x | {f(r['be_ratio'])} | "
-                    f"{f(r['goodput'], 3)} | {f(r.get('energy_mj_per_lc'), 0)} |")
+                    f"{f(r['goodput'], 3)} | {f(r.get('energy_mj_per_lc'), 0)} | "
+                    f"{_host(r)} |")
     return rows
+
+
+def _host(r: Any) -> str:
+    """What the host took from the run (sched_gpu's HostNoise): the machine's
+    steal seconds / the process's run-queue wait in ms per second."""
+    h = r.get("host")
+    return f"{h['steal_s']:.2f} / {h['runq_wait_ms_per_s']:.1f}" if h else "-"
 
 
 SHOWN_KNOBS = ("atom_us", "light_atom_us", "idle_atom_us", "min_atom_us", "depth", "hold_us",
@@ -104,8 +112,9 @@ SHOWN_KNOBS = ("atom_us", "light_atom_us", "idle_atom_us", "min_atom_us", "depth
                "host_first_us", "gate_timeout_ms")
 
 PAIR_HEAD = ["| LC+BE | config | LC p50 (ms) | LC p99 (ms) | LC max (ms) | p50 / isolated | "
-             "p99 / isolated | BE / solo | LC goodput | GPU mJ per LC request (BE's included) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "p99 / isolated | BE / solo | LC goodput | GPU mJ per LC request (BE's included) | "
+             "host: steal (s) / run-queue wait (ms/s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
 
 def sched_section(d: Any) -> list[str]:
@@ -115,7 +124,7 @@ def sched_section(d: Any) -> list[str]:
     iso = [r for r in d["runs"] if r["config"] in ("isolated-lc", "isolated-lc-eager",
                                                     "lake-lc-alone")]
     out = ["## GPU arbiter (laked.sched) on the device machine", "",
-           f"`scripts/bench/sched_gpu.py`, one process per LC workload: {d['device']}, torch "
+           f"`scripts/bench/sched_gpu.py`, in the processes named below: {d['device']}, torch "
            f"{d['torch']}; {_provenance(d)} LC requests every {a['period_ms']} ms, "
            f"{a['requests']} per point after {a['warm']} discarded, GC paused; LC is a CUDA "
            "graph replay in every config (static's graph is captured on its partition's "
@@ -151,15 +160,28 @@ def sched_section(d: Any) -> list[str]:
     out += ["Side by side (target for lake: p99 / isolated <= 1.25 and BE / solo >= 0.8):", ""]
     out += PAIR_HEAD + _pair_rows(d, ("shared", "static", "lake"))
     lake = [r for r in d["runs"] if r["config"] == "lake"]
-    forced = sum(max((r.get("gates_forced_open", 0) for r in lake if r["lc_work"] == w),
-                     default=0) for w in {r["lc_work"] for r in lake})
-    out += ["", f"Gates the watchdog had to reopen during these runs: {forced}."]
+    forced, early = _gate_counts(d)
+    out += ["", f"Gates the watchdog had to reopen during these runs: {forced}; opened early "
+            f"by a BE issuer (`unstick_ms`): {early}."]
     out += _pacer_rows(lake)
     out += ["", "Per-tenant GPU energy in the lake runs (NVML counter split by device time): " +
             "; ".join(f"{r['lc_work']}+{r['be_work']}: " + ", ".join(
                 f"{n} {v['energy_j']:.0f} J" for n, v in r.get("tenants", {}).items())
                 for r in lake) + ".", ""]
     return out
+
+
+def _gate_counts(d: Any) -> tuple[int, int]:
+    """Gates reopened by the watchdog and opened early, over the processes of a
+    (merged) run: each process's scheduler status at its end has its totals."""
+    st = d.get("scheduler")
+    procs = st if isinstance(st, list) else [st] if st else []
+    if procs and all("gates_forced_open" in s for s in procs):
+        return (sum(s["gates_forced_open"] for s in procs),
+                sum(s.get("gates_opened_early", 0) for s in procs))
+    lake = [r for r in d["runs"] if r["config"] == "lake"]     # one process per LC
+    return (sum(max((r.get("gates_forced_open", 0) for r in lake if r["lc_work"] == w),
+                    default=0) for w in {r["lc_work"] for r in lake}), 0)
 
 
 def _pacer_rows(lake: list[Any]) -> list[str]:
@@ -271,8 +293,8 @@ def repeat_section(d: Any, main: Any, title: str) -> list[str]:
            "Last column: the main table's lake p99 over the lower of the two runs' isolated "
            "p99s.", "",
            "| LC+BE | isolated p99 (ms) | LC p99 (ms) | p99 / isolated | BE / solo | "
-           "main run: p99 / lower isolated p99 |",
-           "| --- | --- | --- | --- | --- | --- |"]
+           "main run: p99 / lower isolated p99 | host: steal (s) / run-queue wait (ms/s) |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
     iso, iso_main = _iso_p99(d), _iso_p99(main) if main else {}
     lake_main = {(r["lc_work"], r["be_work"]): r["lc"]["p99_ms"]
                  for r in (main or {}).get("runs", []) if r["config"] == "lake"}
@@ -283,10 +305,11 @@ def repeat_section(d: Any, main: Any, title: str) -> list[str]:
         m = lake_main.get((w, r["be_work"]))
         if w == "conv" and _conv_batch(d) != _conv_batch(main or d):
             m = None                # another conv workload: its isolated p99 is not ours
-        low = min(iso[w], iso_main.get(w, iso[w]))
-        out.append(f"| {w}+{r['be_work']} | {f(iso[w], 3)} | {f(r['lc']['p99_ms'], 3)} | "
+        own = r.get("iso_p99_ms", iso[w])      # its process's (files merge several)
+        low = min(own, iso_main.get(w, own))
+        out.append(f"| {w}+{r['be_work']} | {f(own, 3)} | {f(r['lc']['p99_ms'], 3)} | "
                    f"{f(r['lc_p99_ratio'])}x | {f(r['be_ratio'])} | "
-                   f"{f(m / low) + 'x' if m else '-'} |")
+                   f"{f(m / low) + 'x' if m else '-'} | {_host(r)} |")
     return out + [""]
 
 
@@ -592,6 +615,7 @@ def main() -> int:
         return lambda d, title: repeat_section(d, main, title)
     rep, rep_now = against(before), against(sched)
     rep_s26 = against(load("sched_gpu_a04b716.json"))
+    rep_s27 = against(load("sched_gpu_dc77b5d.json"))
     branch = against(load("sched_gpu_previous.json"))
 
     def untitled(section: Callable[[Any], list[str]]) -> Callable[[Any, str], list[str]]:
@@ -599,8 +623,16 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
-        (rep_now, "sched_gpu_s27_call3.json",
-         "gemm and attn LC beside mem and train again, on a fresh machine"),
+        (variants_section, "unstick_ab.json",
+         "A held BE issuer opening a stuck LC request's gates (`unstick_ms` 5), interleaved "
+         "A/B (adopted)"),
+        (rep_now, "sched_gpu_steal.json",
+         "The training pairs in four processes, with the host's steal time"),
+        (rep_now, "sched_gpu_s28_call3.json",
+         "Every pair once more, the call before the table's (stop 27's scheduler)"),
+        (rep_now, "sched_gpu_dc77b5d.json", "Stop 27's main table (dc77b5d): its lake rows"),
+        (rep_s27, "sched_gpu_s27_call3.json",
+         "Stop 27: gemm and attn LC beside mem and train again, on a fresh machine"),
         (variants_section, "kinfer_hostfirst_ab.json",
          "Kernel INFER: BE's Python held through each batch (`host_first_us`), interleaved "
          "A/B (adopted)"),
