@@ -65,3 +65,47 @@ def test_one_isolated_run_per_process_is_named_so() -> None:
          "runs": [{"config": "isolated-lc", "lc_work": "gemm", "lc": {"p99_ms": 0.6}},
                   _run("d", 1.30, 0.85)]}
     assert "Isolated p99: one per process." in R.variants_section(d, "t")[2]
+
+
+def test_gate_counts_are_each_processes_totals_summed() -> None:
+    """A merged run's counters are cumulative within each process: the
+    processes' final statuses are summed, not the rows."""
+    runs = [{"config": "lake", "lc_work": w, "gates_forced_open": n}
+            for w, n in (("gemm", 1), ("conv", 3), ("attn", 0), ("kinfer", 2))]
+    two = {"runs": runs, "scheduler": [{"gates_forced_open": 3, "gates_opened_early": 4},
+                                       {"gates_forced_open": 2, "gates_opened_early": 1}]}
+    assert R._gate_counts(two) == (5, 5)
+    # one process per LC workload, from before the statuses were kept: the rows
+    assert R._gate_counts({"runs": runs}) == (6, 0)
+
+
+def test_host_noise_sees_the_run_queue_wait_of_a_busy_host() -> None:
+    """Twice as many CPU hogs as CPUs: a spinning thread of this process
+    waits on a run queue for a good share of the window."""
+    import os
+    import subprocess
+    import time
+    if not Path("/proc/self/task").exists() or \
+            not any(Path("/proc/self/task").glob("*/schedstat")):
+        pytest.skip("no per-thread schedstat here")
+    quiet = S.HostNoise()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        pass
+    calm = quiet.read(0.3)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        time.sleep(0.2)                          # the hogs are running
+        busy = S.HostNoise()
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.5:
+            pass
+        got = busy.read(0.5)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert got["runq_wait_ms"] > max(50.0, 3 * calm["runq_wait_ms"]), (calm, got)
+    assert got["runq_wait_ms_per_s"] == pytest.approx(got["runq_wait_ms"] / 0.5, rel=0.01)
+    assert got["ivcsw"] > 0 and got["steal_s"] >= 0
