@@ -189,7 +189,7 @@ class Gates:
         self.early_opens += 1
         n = self.early_opens
         if n <= EARLY_LOGGED or n % 100 == 0:
-            log.warning("lake: gate %d: %s's LC request still running after %.1f ms, "
+            log.warning("gate %d: %s's LC request still running after %.1f ms, "
                         "far past its usual time: opened early (%d so far)", slot, who,
                         running_s * 1e3, n)
 

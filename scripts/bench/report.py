@@ -109,7 +109,7 @@ def _host(r: Any) -> str:
 
 SHOWN_KNOBS = ("atom_us", "light_atom_us", "idle_atom_us", "min_atom_us", "depth", "hold_us",
                "lead_us", "park", "park_one", "park_raw", "be_duty", "gil_switch_us",
-               "host_first_us", "gate_timeout_ms")
+               "host_first_us", "gate_timeout_ms", "unstick_ms")
 
 PAIR_HEAD = ["| LC+BE | config | LC p50 (ms) | LC p99 (ms) | LC max (ms) | p50 / isolated | "
              "p99 / isolated | BE / solo | LC goodput | GPU mJ per LC request (BE's included) | "
