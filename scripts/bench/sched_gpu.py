@@ -19,6 +19,8 @@ p50/p99 and their ratios to isolated, BE throughput ratio to solo, LC goodput (s
 energy (lake), and writes JSON (+ a plot with --plot).  With --variant (and
 --reps) each pair runs through lake alone, under every knob set in turn, so
 variants meet the same machine state (single runs move p99 by about 0.1x).
+Every window records what the host took from it (run-queue wait, steal);
+--hogs N spins N processes for the whole run, for host contention on demand.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -296,6 +299,29 @@ class HostNoise:
                 "steal_s": round(self._steal() - self.steal0, 3)}
 
 
+class Hogs:
+    """``n`` processes spinning on a CPU each, for the block: host contention
+    on demand (--hogs), a stand-in for the steal time that came with the
+    table's worst rows.  Each hog also ends by itself once this process is
+    gone (a stall's faulthandler exit runs no cleanup) or after ``limit_s``."""
+
+    def __init__(self, n: int, limit_s: float = 900.0) -> None:
+        self.n, self.limit_s = n, limit_s
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> "Hogs":
+        code = (f"import os, time\nend = time.monotonic() + {self.limit_s}\n"
+                f"while time.monotonic() < end and os.getppid() == {os.getpid()}: pass\n")
+        self.procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.procs:
+            h.kill()
+            h.wait()
+        self.procs = []
+
+
 def measure(name: str, lc_one: Callable[[], float] | None, be: BeRunner | None,
             args: argparse.Namespace, energy: Callable[[], float], seconds: float | None = None
             ) -> dict[str, Any]:
@@ -435,67 +461,10 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--period-ms", type=float, default=5.0)
-    ap.add_argument("--warm", type=int, default=40, help="LC requests before measuring")
-    ap.add_argument("--lc", default="gemm,conv,attn")
-    ap.add_argument("--be", default="gemm,mem,train")
-    ap.add_argument("--configs", default="shared,static,lake")
-    ap.add_argument("--quota-sms", type=int, default=64, help="static split: LC's SMs")
-    ap.add_argument("--conv-batch", type=int, default=32,
-                    help="images per conv request (64 was the table's before 2026-12-01)")
-    ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
-                    help="scheduler knob (repeatable), e.g. atom_us=300")
-    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:NAME=VALUE,...",
-                    help="run each pair through lake only, under each such knob set "
-                    "(repeatable; 'LABEL:' alone is the defaults), interleaved, --reps times")
-    ap.add_argument("--reps", type=int, default=1, help="with --variant: runs per variant")
-    ap.add_argument("--be-seconds", type=float, default=3.0)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "sched_gpu.json"))
-    ap.add_argument("--plot", default="")
-    ap.add_argument("--merge", nargs="+", default=[],
-                    help="merge JSON files of runs (one per LC workload) into --out")
-    ap.add_argument("--trace", action="store_true",
-                    help="diagnostics: split each lake LC request's time (not for the "
-                    "table; torch LC only: kinfer's requests go through the executor)")
-    ap.add_argument("--ab", nargs="+", default=[], metavar="LABEL=FILE",
-                    help="collect runs of variants (each FILE one run's JSON) into an A/B "
-                    "file, --out, for report.py")
-    ap.add_argument("--note", default="", help="with --merge or --ab: where the runs came from")
-    ap.add_argument("--stall-s", type=float, default=0,
-                    help="dump every thread's stack and exit if the run lasts this long")
-    args = ap.parse_args()
-    if args.merge:
-        return merge(args)
-    if args.ab:
-        return ab(args)
-    if args.stall_s:
-        faulthandler.dump_traceback_later(args.stall_s, exit=True)
-    args.configs = args.configs.split(",")
-    variants = parse_variants(args.variant)
-    if variants:
-        args.configs = ["lake"]
-    knobs = parse_knobs(args.knob)
-    torch.backends.cudnn.benchmark = False
-    energy = nvml_reader("energy_mj")
-    arb = GpuArbiter(knobs)
-    parts = arb.parts
-    lc_units = parts.units_for(args.quota_sms)
-    streams = {"hi": torch.cuda.Stream(priority=arb.prio_hi),
-               "lo": torch.cuda.Stream(priority=arb.prio_lo),
-               "st_lc": parts.get(0, lc_units).torch_stream(arb.prio_hi),
-               "st_be": parts.get(lc_units, parts.n_units, True).torch_stream(arb.prio_lo)}
-    lcs = [W.LC[n](args.conv_batch) if n == "conv" else W.LC[n]() for n in args.lc.split(",")]
-    bes = [W.BE[n]() for n in args.be.split(",")]
-    for s in streams.values():                 # warm cuBLAS/cuDNN on every stream
-        with torch.cuda.stream(s):
-            for lc in lcs:
-                lc.run()
-            for be in bes:
-                be.step()
-    torch.cuda.synchronize()
+def run_all(args: argparse.Namespace, arb: GpuArbiter, lcs: list[W.LcWork],
+            bes: list[W.BeWork], streams: dict[str, Any], energy: Callable[[], float],
+            variants: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every config of every workload, in the table's order."""
     iso: dict[str, Any] = {"be": {}}
     runs: list[dict[str, Any]] = []
     for be in bes:
@@ -552,6 +521,74 @@ def main() -> int:
         else:
             for be in bes:
                 runs.extend(run_pair(lc, be, arb, il, args, energy, streams))
+    return runs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--period-ms", type=float, default=5.0)
+    ap.add_argument("--warm", type=int, default=40, help="LC requests before measuring")
+    ap.add_argument("--lc", default="gemm,conv,attn")
+    ap.add_argument("--be", default="gemm,mem,train")
+    ap.add_argument("--configs", default="shared,static,lake")
+    ap.add_argument("--quota-sms", type=int, default=64, help="static split: LC's SMs")
+    ap.add_argument("--conv-batch", type=int, default=32,
+                    help="images per conv request (64 was the table's before 2026-12-01)")
+    ap.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                    help="scheduler knob (repeatable), e.g. atom_us=300")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:NAME=VALUE,...",
+                    help="run each pair through lake only, under each such knob set "
+                    "(repeatable; 'LABEL:' alone is the defaults), interleaved, --reps times")
+    ap.add_argument("--reps", type=int, default=1, help="with --variant: runs per variant")
+    ap.add_argument("--be-seconds", type=float, default=3.0)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "sched_gpu.json"))
+    ap.add_argument("--hogs", type=int, default=0,
+                    help="CPU-spinning processes for the whole run (host contention)")
+    ap.add_argument("--plot", default="")
+    ap.add_argument("--merge", nargs="+", default=[],
+                    help="merge JSON files of runs (one per LC workload) into --out")
+    ap.add_argument("--trace", action="store_true",
+                    help="diagnostics: split each lake LC request's time (not for the "
+                    "table; torch LC only: kinfer's requests go through the executor)")
+    ap.add_argument("--ab", nargs="+", default=[], metavar="LABEL=FILE",
+                    help="collect runs of variants (each FILE one run's JSON) into an A/B "
+                    "file, --out, for report.py")
+    ap.add_argument("--note", default="", help="with --merge or --ab: where the runs came from")
+    ap.add_argument("--stall-s", type=float, default=0,
+                    help="dump every thread's stack and exit if the run lasts this long")
+    args = ap.parse_args()
+    if args.merge:
+        return merge(args)
+    if args.ab:
+        return ab(args)
+    if args.stall_s:
+        faulthandler.dump_traceback_later(args.stall_s, exit=True)
+    args.configs = args.configs.split(",")
+    variants = parse_variants(args.variant)
+    if variants:
+        args.configs = ["lake"]
+    knobs = parse_knobs(args.knob)
+    torch.backends.cudnn.benchmark = False
+    energy = nvml_reader("energy_mj")
+    arb = GpuArbiter(knobs)
+    parts = arb.parts
+    lc_units = parts.units_for(args.quota_sms)
+    streams = {"hi": torch.cuda.Stream(priority=arb.prio_hi),
+               "lo": torch.cuda.Stream(priority=arb.prio_lo),
+               "st_lc": parts.get(0, lc_units).torch_stream(arb.prio_hi),
+               "st_be": parts.get(lc_units, parts.n_units, True).torch_stream(arb.prio_lo)}
+    lcs = [W.LC[n](args.conv_batch) if n == "conv" else W.LC[n]() for n in args.lc.split(",")]
+    bes = [W.BE[n]() for n in args.be.split(",")]
+    for s in streams.values():                 # warm cuBLAS/cuDNN on every stream
+        with torch.cuda.stream(s):
+            for lc in lcs:
+                lc.run()
+            for be in bes:
+                be.step()
+    torch.cuda.synchronize()
+    with Hogs(args.hogs):
+        runs = run_all(args, arb, lcs, bes, streams, energy, variants)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "args": vars(args), "knobs": vars(arb.knobs),
            "runs": [{k: v for k, v in r.items() if k != "lat_ms"} for r in runs],

@@ -83,7 +83,6 @@ def test_host_noise_sees_the_run_queue_wait_of_a_busy_host() -> None:
     """Twice as many CPU hogs as CPUs: a spinning thread of this process
     waits on a run queue for a good share of the window."""
     import os
-    import subprocess
     import time
     if not Path("/proc/self/task").exists() or \
             not any(Path("/proc/self/task").glob("*/schedstat")):
@@ -93,19 +92,44 @@ def test_host_noise_sees_the_run_queue_wait_of_a_busy_host() -> None:
     while time.perf_counter() - t0 < 0.3:
         pass
     calm = quiet.read(0.3)
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            for _ in range(2 * (os.cpu_count() or 1))]
-    try:
+    with S.Hogs(2 * (os.cpu_count() or 1)) as hogs:
         time.sleep(0.2)                          # the hogs are running
+        assert all(h.poll() is None for h in hogs.procs)
         busy = S.HostNoise()
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 0.5:
             pass
         got = busy.read(0.5)
-    finally:
-        for h in hogs:
-            h.kill()
-            h.wait()
+    assert not hogs.procs
     assert got["runq_wait_ms"] > max(50.0, 3 * calm["runq_wait_ms"]), (calm, got)
     assert got["runq_wait_ms_per_s"] == pytest.approx(got["runq_wait_ms"] / 0.5, rel=0.01)
     assert got["ivcsw"] > 0 and got["steal_s"] >= 0
+
+
+def test_hogs_end_with_the_process_that_started_them() -> None:
+    """A benchmark that exits without cleanup (faulthandler's stall exit) must
+    not leave its hogs spinning."""
+    import os
+    import subprocess
+    import time
+    bench = Path(__file__).resolve().parents[2] / "scripts" / "bench"
+    code = ("import os, sys; sys.argv = ['x', '--merge']; sys.path.insert(0, %r)\n"
+            "import sched_gpu as S\nh = S.Hogs(2).__enter__()\n"
+            "print(' '.join(str(p.pid) for p in h.procs), flush=True)\nos._exit(0)\n" % str(bench))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    pids = [int(x) for x in out.split()]
+    assert len(pids) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # a zombie left to init counts as gone
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
