@@ -504,9 +504,7 @@ class GpuArbiter(Arbiter):
             # LC runs or is due: sleep until a request ends, or until the
             # prediction is hold_us overdue (then decide() lets BE go)
             wait = HOLD_POLL_S if v.run_full else v.until_s + k.hold_us / 1e6
-            with self._lc_ended:
-                if self._leaves == leaves:
-                    self._lc_ended.wait(min(max(wait, MIN_WAIT_S), HOLD_POLL_S))
+            self._sleep_past(leaves, min(max(wait, MIN_WAIT_S), HOLD_POLL_S))
             if not v.run_full:
                 p.hold_s += time.perf_counter() - now
             else:
@@ -520,13 +518,18 @@ class GpuArbiter(Arbiter):
         atom's event would not end before the watchdog).  False: none runs."""
         leaves = self._leaves
         ts = self.lc_tenants()
-        if not any(t.active and t.partition is None for t in ts):
+        if not self._lc_view(ts, time.perf_counter()).run_full:
             return False
-        with self._lc_ended:
-            if self._leaves == leaves:
-                self._lc_ended.wait(HOLD_POLL_S)
+        self._sleep_past(leaves, HOLD_POLL_S)
         self._unstick(ts)
         return True
+
+    def _sleep_past(self, leaves: int, timeout_s: float) -> None:
+        """Sleep until an LC request ends after the ``leaves``-th one did, or
+        ``timeout_s`` (a polling issuer would take the GIL at every wake)."""
+        with self._lc_ended:
+            if self._leaves == leaves:
+                self._lc_ended.wait(timeout_s)
 
     def _unstick(self, ts: tuple[GpuTenant, ...]) -> None:
         """Open the gates of LC requests stuck behind a BE gate wait (plan.stuck).

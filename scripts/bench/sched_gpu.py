@@ -299,6 +299,11 @@ class HostNoise:
                 "steal_s": round(self._steal() - self.steal0, 3)}
 
 
+def host_line(h: dict[str, float]) -> str:
+    """HostNoise.read's numbers as a progress line shows them."""
+    return f"runq {h['runq_wait_ms_per_s']:.1f} ms/s steal {h['steal_s']:.2f} s"
+
+
 class Hogs:
     """``n`` processes spinning on a CPU each, for the block: host contention
     on demand (--hogs), a stand-in for the steal time that came with the
@@ -454,8 +459,7 @@ def run_pair(lc: W.LcWork, be: W.BeWork, arb: GpuArbiter, iso: dict[str, Any],
               f"{r['lc']['p50_ms']:.3f} p99 {r['lc']['p99_ms']:.3f} ms "
               f"(x{r['lc_p50_ratio']:.2f}/x{r['lc_p99_ratio']:.2f})"
               f" BE x{r['be_ratio']:.2f} goodput {r['goodput']:.3f}"
-              f" | host runq {r['host']['runq_wait_ms_per_s']:.1f} ms/s"
-              f" steal {r['host']['steal_s']:.2f} s"
+              f" | host {host_line(r['host'])}"
               f" | gates opened early {r.get('gates_opened_early', '-')}"
               f" forced {r.get('gates_forced_open', '-')}", flush=True)
     return out
@@ -512,10 +516,8 @@ def run_all(args: argparse.Namespace, arb: GpuArbiter, lcs: list[W.LcWork],
         print(f"  isolated LC {lc.name}: p50 {r_iso['lc']['p50_ms']:.3f} p99 "
               f"{r_iso['lc']['p99_ms']:.3f} ms (eager {r_eager['lc']['p50_ms']:.3f}/"
               f"{r_eager['lc']['p99_ms']:.3f}); through the arbiter alone x"
-              f"{r_alone['lc_p50_ratio']:.3f}/x{r_alone['lc_p99_ratio']:.3f} | host runq "
-              f"{r_iso['host']['runq_wait_ms_per_s']:.1f}/"
-              f"{r_alone['host']['runq_wait_ms_per_s']:.1f} ms/s steal "
-              f"{r_iso['host']['steal_s']:.2f}/{r_alone['host']['steal_s']:.2f} s", flush=True)
+              f"{r_alone['lc_p50_ratio']:.3f}/x{r_alone['lc_p99_ratio']:.3f} | host "
+              f"{host_line(r_iso['host'])}, alone {host_line(r_alone['host'])}", flush=True)
         if variants:
             runs.extend(run_variants(lc, bes, variants, arb, il, args, energy, streams))
         else:
