@@ -7,6 +7,8 @@ hands their fds to the benchmark, which serves them with laked's Server and
 GPU executor, and then answers one byte at a time:
 
   r  run one INFER batch; reply with its round trip in seconds (float64)
+  t  the same; reply with its start and end on CLOCK_MONOTONIC (two float64,
+     time.perf_counter's clock: comparable with the benchmark process's)
   c  check the last batch's output against the CPU reference; reply 1 or 0
 
 It exits when the socket closes.  The kernel is not a thread of laked: this
@@ -43,10 +45,11 @@ def serve(sock: socket.socket, k: Ring, batch: int) -> None:
     want = model.run(x).astype("<i4").tobytes()
     sock.sendall(b"k")
     while cmd := sock.recv(1):
-        if cmd == b"r":
+        if cmd in (b"r", b"t"):
             t0 = time.perf_counter()
             s.infer(1, 1, blob_off, len(blob), batch, N_IN, N_OUT, off)
-            sock.sendall(struct.pack("d", time.perf_counter() - t0))
+            t1 = time.perf_counter()
+            sock.sendall(struct.pack("d", t1 - t0) if cmd == b"r" else struct.pack("dd", t0, t1))
         elif cmd == b"c":
             got = k.read(off + batch * N_IN * 4, batch * N_OUT * 4)
             sock.sendall(b"1" if got == want else b"0")

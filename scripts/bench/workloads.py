@@ -114,6 +114,11 @@ class KernelInfer:
         """One batch, as bound last; its round trip in seconds, as the kernel saw it."""
         return struct.unpack("d", self._ask(b"r", 8))[0]
 
+    def run_stamped(self) -> tuple[float, float]:
+        """One batch; when the kernel's side asked and saw the answer (perf_counter)."""
+        t0, t1 = struct.unpack("dd", self._ask(b"t", 16))
+        return t0, t1
+
     def runner(self, tenancy: Any) -> Callable[[], float]:
         def one() -> float:
             self.executor.tenancy = tenancy
