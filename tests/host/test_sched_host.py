@@ -410,6 +410,9 @@ class _RecordingGates:
     def open(self, slot: int, stream: int) -> None:
         self.calls.append(("open", slot, stream))
 
+    def close_now(self, slot: int) -> None:
+        self.calls.append(("close_now", slot, -1))
+
     def open_now(self, slot: int) -> None:
         self.calls.append(("open_now", slot, -1))
 
@@ -525,13 +528,29 @@ def test_an_infer_batch_leaves_once_it_is_done_not_once_it_is_queued() -> None:
             ten.after_launch(0x10, ten.before_launch(0x10))
         assert arb.active == 2                   # gates open on the GPU; LC still here
     assert arb.active == 0 and t.requests == 1
+    # in a batch the gate shuts from the host (the batch's stream is idle
+    # when it starts: the last batch synchronised) and opens on the stream
+    slot = t.stream_slots[0x10]
+    gate_calls = [c for c in gates.calls if c[0] != "mark"]     # park_raw's marks aside
+    assert gate_calls == [("close_now", slot, -1), ("open", slot, 0x10)] * 2
+    gates.calls.clear()
     with pytest.raises(RuntimeError):
         with ten.request(1):
             ten.after_launch(0x10, ten.before_launch(0x10))
             raise RuntimeError("the copy back failed")
     assert arb.active == 0 and t.errors == 1     # a failed batch leaves too
+    gates.calls.clear()
+    with ten.request(1):        # after a failed batch an open may still be queued
+        ten.after_launch(0x10, ten.before_launch(0x10))
+    with ten.request(1):
+        ten.after_launch(0x10, ten.before_launch(0x10))
+    assert [c[0] for c in gates.calls if c[0] != "mark"] == ["close", "open",
+                                                             "close_now", "open"]
+    gates.calls.clear()
     ten.after_launch(0x10, ten.before_launch(0x10))
     assert arb.active == 0                       # a launch outside a batch leaves at once
+    assert [c for c in gates.calls if c[0] != "mark"] == [("close", slot, 0x10),
+                                                          ("open", slot, 0x10)]   # both queued
 
 
 def test_an_lc_infer_batch_holds_be_python_until_it_is_done() -> None:
