@@ -643,6 +643,8 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
+        (rep_now, "sched_gpu_s29_kinfer.json",
+         "Stop 29: kinfer LC on the INFER gate's host store, three processes (all with steal)"),
         (split_section, "kinfer_split.json",
          "Kernel INFER through the arbiter alone and beside BE: its round trip step by step"),
         (variants_section, "kinfer_hold_ab2.json",
