@@ -149,19 +149,10 @@ class Probe:
         return [b["t1"] - b["t0"], *parts]
 
     def block(self, m: str, n: int, keep: bool = True) -> None:
-        out = self.rows.setdefault(m, [])
         with self.mode(m):
-            nxt = time.perf_counter()
-            for _ in range(n):
-                now = time.perf_counter()
-                if nxt - now > 200e-6:
-                    time.sleep(nxt - now - 200e-6)
-                while time.perf_counter() < nxt:
-                    time.sleep(0)
-                row = self.one()
-                if keep:
-                    out.append(row)
-                nxt = max(nxt + self.period, time.perf_counter())
+            rows = S.paced(self.one, n, self.period)
+        if keep:
+            self.rows.setdefault(m, []).extend(rows)
 
     def summary(self, base: str) -> dict[str, Any]:
         res: dict[str, Any] = {}

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")     # as laked sets it
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +57,7 @@ if "--merge" not in sys.argv and "--ab" not in sys.argv:
 from laked.sched.knobs import AT_START, Knobs  # noqa: E402 - pure: no torch
 
 SLO_X = 1.25
+T = TypeVar("T")
 
 
 def nvml_reader(what: str) -> Callable[[], float]:
@@ -68,14 +69,14 @@ def nvml_reader(what: str) -> Callable[[], float]:
         return lambda: 0.0
 
 
-def paced(run_one: Callable[[], float], n: int, period: float) -> list[float]:
+def paced(run_one: Callable[[], T], n: int, period: float) -> list[T]:
+    """``run_one()`` ``n`` times, one every ``period`` seconds (open loop); its results."""
     lat = []
     nxt = time.perf_counter()
     for _ in range(n):
-        # sleep most of the gap, spin the rest: sleep's wake-up jitter would
-        # otherwise land in LC's measured tail
         # sleep most of the gap, then yield (not spin holding the GIL, which
-        # would starve the arbiter's BE threads as no real LC client does)
+        # would starve the arbiter's BE threads as no real LC client does):
+        # sleep's wake-up jitter would otherwise land in LC's measured tail
         now = time.perf_counter()
         if nxt - now > 200e-6:
             time.sleep(nxt - now - 200e-6)
