@@ -102,9 +102,16 @@ def _pair_rows(d: Any, configs: tuple[str, ...]) -> list[str]:
 
 def _host(r: Any) -> str:
     """What the host took from the run (sched_gpu's HostNoise): the machine's
-    steal seconds / the process's run-queue wait in ms per second."""
+    steal seconds / the process's run-queue wait in ms per second; then the
+    windows measured before it and set aside for their steal (--steal-retry)."""
     h = r.get("host")
-    return f"{h['steal_s']:.2f} / {h['runq_wait_ms_per_s']:.1f}" if h else "-"
+    if not h:
+        return "-"
+    out = f"{h['steal_s']:.2f} / {h['runq_wait_ms_per_s']:.1f}"
+    for a in r.get("set_aside", []):
+        lc = f", LC p99 {a['lc']['p99_ms']:.3f} ms" if "lc" in a else ""
+        out += f"; set aside: steal {a['host']['steal_s']:.2f} s{lc}"
+    return out
 
 
 SHOWN_KNOBS = ("atom_us", "light_atom_us", "idle_atom_us", "min_atom_us", "depth", "hold_us",

@@ -133,3 +133,54 @@ def test_hogs_end_with_the_process_that_started_them() -> None:
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(p) for p in pids)
+
+
+def _window(steal_s: float) -> Any:
+    return S.Window([0.001, 0.002], 10, 2.0, 5.0, {"steal_s": steal_s, "runq_wait_ms_per_s": 0.1})
+
+
+@pytest.mark.parametrize("limit,retries,kept,aside", [
+    (0.1, 1, 0.5, [0.9]),               # one more window at most: kept even with steal
+    (0.1, 2, 0.0, [0.9, 0.5]),          # the first window under the limit is kept
+    (0.0, 2, 0.9, []),                  # 0: never measured again
+    (1.0, 2, 0.9, []),                  # under the limit: kept at once
+])
+def test_windows_with_steal_are_measured_again_and_kept_aside(
+        limit: float, retries: int, kept: float, aside: list[float]) -> None:
+    steals = iter([0.9, 0.5, 0.0, 0.0])
+    w, out = S.steal_free(lambda: _window(next(steals)), limit, retries)
+    assert w.host["steal_s"] == kept
+    assert [x.host["steal_s"] for x in out] == aside
+
+
+def test_a_row_shows_the_windows_set_aside_for_steal() -> None:
+    r = {"host": {"steal_s": 0.02, "runq_wait_ms_per_s": 0.3},
+         "set_aside": [_window(0.9).summary()]}
+    assert R._host(r) == "0.02 / 0.3; set aside: steal 0.90 s, LC p99 2.000 ms"
+    assert _window(0.9).summary()["be_steps_per_s"] == 5.0
+
+
+def test_measure_keeps_the_window_without_steal_and_sets_the_other_aside(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """measure()'s own wiring, on the CPU: the GPU's synchronise is the one
+    call left out, and the host's steal comes from a stand-in."""
+    import types
+    steals = iter([0.8, 0.0])
+
+    class Noise:
+        def read(self, seconds: float) -> dict[str, float]:
+            return {"steal_s": next(steals), "runq_wait_ms_per_s": 0.0}
+    monkeypatch.setattr(S, "HostNoise", Noise)
+    monkeypatch.setattr(S.torch.cuda, "synchronize", lambda: None)
+    calls = []
+
+    def lc_one() -> float:
+        calls.append(1)
+        return 0.001 * len(calls)
+    args = types.SimpleNamespace(warm=2, requests=5, period_ms=0.1, steal_retry=0.1, retries=1)
+    r = S.measure("lake", lc_one, None, args, lambda: 0.0)
+    assert len(calls) == 2 + 5 + 5                  # warm-up, the window set aside, the kept one
+    assert r["host"]["steal_s"] == 0.0 and r["lc"]["n"] == 5
+    assert r["lc"]["max_ms"] == pytest.approx(12.0)     # the kept window's last request
+    assert [a["host"]["steal_s"] for a in r["set_aside"]] == [0.8]
+    assert r["set_aside"][0]["lc"]["p99_ms"] == pytest.approx(7.0)
