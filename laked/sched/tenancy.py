@@ -25,8 +25,8 @@ through torch, so the arbiter cannot atomize that work; it can gate it:
 - **INFER batches** end as LC requests once their output is in the
   region (``request``), not once their launches are queued.  A batch's
   gate shuts with a host store (``close_now``): its stream is idle when it
-  starts, since the batch before it synchronised (unless it failed).  While an LC
-  tenant's batch runs, BE jobs' Python waits at its next op
+  starts, since the batch before it synchronised (unless it failed).
+  While an LC tenant's batch runs, BE jobs' Python waits at its next op
   (``host_first_us``, hostfirst.py): the batch is nearly all host time
   (copies, launches, driver calls that each hand the GIL over).
 - **BE tenant** (a user client that asked for BE): every launch first waits
@@ -123,7 +123,7 @@ class GpuTenancy(Tenancy):
             if self._leaves_due is not None and self._synced:
                 # an INFER batch: its stream's last batch, open included, ran
                 # before that batch returned, so a host store shuts the gate
-                # (the driver call cost ~10 us of the batch on an H200's host)
+                # (on an H200's host the step went 22 -> 14 us, kinfer_split)
                 self.gates.close_now(slot)
             else:
                 self.gates.close(slot, stream)

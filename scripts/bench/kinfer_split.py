@@ -78,12 +78,11 @@ class _NoGates:
     def close(self, slot: int, stream: int) -> None:
         pass
 
-    def open(self, slot: int, stream: int) -> None:
+    def close_now(self, slot: int) -> None:
         pass
 
-
-def pctl(s: list[float], q: float) -> float:
-    return s[min(len(s) - 1, int(len(s) * q))]
+    def open(self, slot: int, stream: int) -> None:
+        pass
 
 
 def stamped(box: dict[str, float], begin: str, end: str,
@@ -163,9 +162,9 @@ class Probe:
             slow = rows[-max(1, len(rows) // 100):]
             res[m] = {"n": len(rt),
                       "p50_ms": round(statistics.median(rt) * 1e3, 4),
-                      "p99_ms": round(pctl(rt, 0.99) * 1e3, 4),
+                      "p99_ms": round(S.pctl(rt, 0.99) * 1e3, 4),
                       "p50_x": round(statistics.median(rt) / statistics.median(b), 3),
-                      "p99_x": round(pctl(rt, 0.99) / pctl(b, 0.99), 3),
+                      "p99_x": round(S.pctl(rt, 0.99) / S.pctl(b, 0.99), 3),
                       "parts_p50_us": {k: round(statistics.median(r[i + 1] for r in rows) * 1e6, 1)
                                        for i, k in enumerate(PARTS)},
                       "parts_slowest_1pct_us": {
