@@ -153,6 +153,16 @@ class Probe:
         if keep:
             self.rows.setdefault(m, []).extend(rows)
 
+    def rounds(self, modes: list[str], n: int, block: int) -> None:
+        """``n`` rounds of a block per mode, interleaved, GC paused."""
+        gc.disable()
+        try:
+            for _ in range(n):
+                for m in modes:
+                    self.block(m, block)
+        finally:
+            gc.enable()
+
     def summary(self, base: str) -> dict[str, Any]:
         res: dict[str, Any] = {}
         b = sorted(r[0] for r in self.rows[base])
@@ -210,22 +220,14 @@ def main() -> int:
             for m in modes:
                 p.block(m, 40, keep=False)      # warm every path
             kin.check()
-            gc.disable()
-            for _ in range(args.rounds):
-                for m in modes:
-                    p.block(m, args.block)
-            gc.enable()
+            p.rounds(modes, args.rounds, args.block)
             res = {"interleaved": p.summary("direct")}
             arb._energy_stop.set()              # noqa: SLF001 - the NVML threads end
             arb._energy.join(2)                 # noqa: SLF001
             if arb._clock.is_alive():           # noqa: SLF001
                 arb._clock.join(2)              # noqa: SLF001
             p.rows = {}
-            gc.disable()
-            for _ in range(args.rounds // 2 or 1):
-                for m in ("direct", "lake"):
-                    p.block(m, args.block)
-            gc.enable()
+            p.rounds(["direct", "lake"], args.rounds // 2 or 1, args.block)
             res["no_nvml_threads"] = p.summary("direct")
         kin.check()
     finally:

@@ -341,13 +341,18 @@ class Window:
     energy_mj: float
     host: dict[str, float]
 
+    def lc(self) -> dict[str, float]:
+        """LC's latency over the window, in ms."""
+        s = sorted(self.lat)
+        return {"n": len(s), "p50_ms": statistics.median(s) * 1e3,
+                "p99_ms": pctl(s, 0.99) * 1e3, "max_ms": s[-1] * 1e3}
+
     def summary(self) -> dict[str, Any]:
         """What a window set aside for steal keeps in the JSON."""
-        s = sorted(self.lat)
         out: dict[str, Any] = {"host": self.host, "seconds": round(self.seconds, 3)}
-        if s:
-            out["lc"] = {"p50_ms": round(statistics.median(s) * 1e3, 4),
-                         "p99_ms": round(pctl(s, 0.99) * 1e3, 4)}
+        if self.lat:
+            lc = self.lc()
+            out["lc"] = {k: round(lc[k], 4) for k in ("p50_ms", "p99_ms")}
         if self.steps:
             out["be_steps_per_s"] = round(self.steps / self.seconds, 2)
         return out
@@ -403,9 +408,7 @@ def measure(name: str, lc_one: Callable[[], float] | None, be: BeRunner | None,
     if aside:
         res["set_aside"] = [x.summary() for x in aside]
     if w.lat:
-        s = sorted(w.lat)
-        res["lc"] = {"n": len(s), "p50_ms": statistics.median(s) * 1e3,
-                     "p99_ms": pctl(s, 0.99) * 1e3, "max_ms": s[-1] * 1e3}
+        res["lc"] = w.lc()
         res["lat_ms"] = [round(x * 1e3, 4) for x in w.lat]
         res["worst"] = sorted(((round(x * 1e3, 3), i) for i, x in enumerate(w.lat)),
                               reverse=True)[:12]
