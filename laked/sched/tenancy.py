@@ -24,11 +24,17 @@ through torch, so the arbiter cannot atomize that work; it can gate it:
   launch or its host release.
 - **INFER batches** end as LC requests once their output is in the
   region (``request``), not once their launches are queued.  A batch's
-  gate shuts with a host store (``close_now``): its stream is idle when it
-  starts, since the batch before it synchronised (unless it failed).
+  gate shuts and opens with host stores (``close_now``, ``open_now``):
+  shut as its first launch is queued, open once its output is on the
+  host, so no gate write is ever queued on the executor's INFER stream.
+  That costs BE the batch's copy back (tens of us) and spares LC a driver
+  call, which hands the GIL over mid-batch.  A failed batch opens its
+  gate too (its work may still run beside BE: gates only order work).
   While an LC tenant's batch runs, BE jobs' Python waits at its next op
   (``host_first_us``, hostfirst.py): the batch is nearly all host time
-  (copies, launches, driver calls that each hand the GIL over).
+  (copies, launches, driver calls that each hand the GIL over).  Entering
+  and leaving a batch is one flat object (``_Batch``), since it runs on
+  every kernel request.
 - **BE tenant** (a user client that asked for BE): every launch first waits
   on the GPU for all LC gates.  Its kernels run whole: laked cannot cut a
   cubin it did not compile into block ranges.
@@ -48,11 +54,11 @@ allocates before it launches.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
+import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .base import Tenancy, TenantState
 from .gate import GateError
@@ -79,10 +85,10 @@ class GpuTenancy(Tenancy):
         self.gt.model = None
         self.broken = ""                # why launches now go ungated
         self._retiring: list[tuple[int, Any]] = []     # (stream_slots key, event)
-        self._leaves_due: int | None = None     # in an INFER batch: leaves held back
-        # the last INFER batch ended normally, so its stream's work (its gate's
-        # open too) has run: a failed one may have left an open queued
-        self._synced = True
+        # in an INFER batch: the gates it shut (opened as it ends) and its
+        # leaves held back; None outside a batch
+        self._opens: list[int] | None = None
+        self._leaves_due = 0
 
     @property
     def nonblocking_streams(self) -> bool:     # type: ignore[override]
@@ -107,8 +113,8 @@ class GpuTenancy(Tenancy):
         return slot
 
     def before_launch(self, stream: Any) -> tuple[int, int] | None:
-        super().before_launch(stream)      # counts it
         t = self.gt
+        t.launches += 1
         if self.broken:
             return NOTHING
         if self._retiring:
@@ -120,13 +126,15 @@ class GpuTenancy(Tenancy):
                     t.atoms += 1
                 return NOTHING
             slot = self._slot(stream)
-            if self._leaves_due is not None and self._synced:
-                # an INFER batch: its stream's last batch, open included, ran
-                # before that batch returned, so a host store shuts the gate
-                # (on an H200's host the step went 22 -> 14 us, kinfer_split)
-                self.gates.close_now(slot)
-            else:
+            opens = self._opens
+            if opens is None:
                 self.gates.close(slot, stream)
+            elif slot not in opens:
+                # an INFER batch: nothing of the last batch is queued before
+                # it but kernels, so a host store shuts the gate (on an
+                # H200's host the step went 22 -> 14 us, kinfer_split)
+                self.gates.close_now(slot)
+                opens.append(slot)
         except (GateError, RuntimeError) as e:
             self._break(str(e))
             return NOTHING
@@ -139,40 +147,27 @@ class GpuTenancy(Tenancy):
         if token is NOTHING:
             return
         slot, n = token
+        batch = self._opens is not None     # a batch opens its gates as it ends
         try:
-            self.gates.open(slot, stream)
+            if not batch:
+                self.gates.open(slot, stream)
             self.arb._mark(self.gt, stream, n)     # noqa: SLF001
         except GateError as e:
             self._break(str(e))         # the watchdog reopens it: still recorded as shut
         finally:
-            if self._leaves_due is None:
-                self.arb._leave(self.gt)            # noqa: SLF001
-            else:
+            if batch:
                 self._leaves_due += 1
+            else:
+                self.arb._leave(self.gt)            # noqa: SLF001
 
-    @contextlib.contextmanager
-    def request(self, items: int) -> Iterator[None]:
+    def request(self, items: int) -> _Batch:
         """An INFER batch: LC leaves once its result is on the host, as a torch
         LC request does (arbiter.run_lc), not once its launches are queued.
         A BE issuer woken at the queueing would run its Python through the
         rest of the batch (the copy back, the completion), and each of the
         batch's remaining steps would wait for the GIL.  For the same reason
         BE's Python waits (hostfirst.py) while an LC tenant's batch runs."""
-        # the whole batch is host path: its GPU work is tens of us
-        held = self.arb.host_path() if self.gt.is_lc else contextlib.nullcontext()
-        self._leaves_due = 0
-        try:
-            with held, super().request(items):
-                yield
-        except BaseException:
-            self._synced = False
-            raise
-        else:
-            self._synced = True
-        finally:
-            due, self._leaves_due = self._leaves_due, None
-            for _ in range(due):
-                self.arb._leave(self.gt)            # noqa: SLF001
+        return _Batch(self, items)
 
     def forget(self, stream: Any) -> None:
         """Called before ``stream`` is destroyed: its gate goes back once its work ran."""
@@ -229,3 +224,41 @@ class GpuTenancy(Tenancy):
             self.broken = why
             log.error("%s: launches are no longer gated (%s); BE work may delay them",
                       self.gt.name, why)
+
+
+class _Batch:
+    """One INFER batch's entry and exit (GpuTenancy.request), flat: the
+    generic request, the host-path hold and the batch's own bookkeeping as
+    three context managers cost ~45 us of the device's host per batch."""
+
+    __slots__ = ("ten", "items", "key", "t0")
+
+    def __init__(self, ten: GpuTenancy, items: int) -> None:
+        self.ten, self.items, self.key, self.t0 = ten, items, 0, 0.0
+
+    def __enter__(self) -> None:
+        ten = self.ten
+        if ten._opens is not None:
+            raise RuntimeError(f"{ten.gt.name}: an INFER batch began inside another")
+        ten._opens, ten._leaves_due = [], 0
+        lead = ten.arb.knobs.host_first_us
+        if lead and ten.gt.is_lc:       # the whole batch is host path (module docstring)
+            self.key = threading.get_ident()
+            ten.arb.host_first.hold(self.key, lead / 1e6)
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, typ: Any, exc: Any, tb: Any) -> None:
+        ten, t = self.ten, self.ten.gt
+        if typ is None:
+            t.record(time.perf_counter() - self.t0, self.items)
+        elif issubclass(typ, Exception):
+            t.errors += 1
+        opens, ten._opens = ten._opens or [], None
+        for slot in opens:
+            ten.gates.open_now(slot)
+        arb = ten.arb
+        for _ in range(ten._leaves_due):
+            arb._leave(t)       # noqa: SLF001 - the arbiter's own tenant
+        ten._leaves_due = 0
+        if self.key:
+            arb.host_first.release(self.key)

@@ -9,7 +9,7 @@ mode, so every mode meets the same machine state:
 
   direct     the executor bound to no tenant (sched_gpu's isolated run)
   lake       bound to an arbiter LC tenant, as laked binds the kernel's
-  nogate     lake, its gate close/open (two stream writes) left out
+  nogate     lake, its gate's close and open (host stores) left out
   nohold     lake with host_first_us=0 (no HostFirst hold around the batch)
   nobook     lake, the arbiter's _arrive/_leave bookkeeping left out
   direct-sw5, lake-sw5  the GIL switch interval at Python's 5 ms, not laked's
@@ -25,7 +25,8 @@ taken on one clock (CLOCK_MONOTONIC) in both processes:
   copy_in   run_mlp's start to the gate (the input's copy)
   gate      before_launch (gate close, the arrival's bookkeeping)
   launch    the layers' launches
-  open      after_launch (gate open)
+  open      after_launch (in an INFER batch the gate opens at its end, in
+            exit: a host store)
   out_sync  the output's copy back and the stream's synchronise
   exit      run_mlp's end to op_infer's (result into the region, the leave)
   post      op_infer's end to the kernel's side seeing it (completion ring,
@@ -82,6 +83,9 @@ class _NoGates:
         pass
 
     def open(self, slot: int, stream: int) -> None:
+        pass
+
+    def open_now(self, slot: int) -> None:
         pass
 
 

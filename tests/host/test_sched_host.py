@@ -528,24 +528,25 @@ def test_an_infer_batch_leaves_once_it_is_done_not_once_it_is_queued() -> None:
             ten.after_launch(0x10, ten.before_launch(0x10))
         assert arb.active == 2                   # gates open on the GPU; LC still here
     assert arb.active == 0 and t.requests == 1
-    # in a batch the gate shuts from the host (the batch's stream is idle
-    # when it starts: the last batch synchronised) and opens on the stream
+    # in a batch the gate shuts from the host at the first launch (nothing of
+    # the last batch but kernels is queued before it) and opens from the host
+    # once the batch is done: no gate write is queued on its stream
     slot = t.stream_slots[0x10]
-    gate_calls = [c for c in gates.calls if c[0] != "mark"]     # park_raw's marks aside
-    assert gate_calls == [("close_now", slot, -1), ("open", slot, 0x10)] * 2
+    assert gates.calls == [("close_now", slot, -1), ("mark", 8, 0x10), ("mark", 9, 0x10),
+                           ("open_now", slot, -1)]
     gates.calls.clear()
     with pytest.raises(RuntimeError):
         with ten.request(1):
             ten.after_launch(0x10, ten.before_launch(0x10))
+            assert gates.calls[-1] != ("open_now", slot, -1)
             raise RuntimeError("the copy back failed")
-    assert arb.active == 0 and t.errors == 1     # a failed batch leaves too
-    gates.calls.clear()
-    with ten.request(1):        # after a failed batch an open may still be queued
-        ten.after_launch(0x10, ten.before_launch(0x10))
-    with ten.request(1):
-        ten.after_launch(0x10, ten.before_launch(0x10))
-    assert [c[0] for c in gates.calls if c[0] != "mark"] == ["close", "open",
-                                                             "close_now", "open"]
+    assert arb.active == 0 and t.errors == 1 and t.requests == 1    # a failed batch leaves
+    assert gates.calls[-1] == ("open_now", slot, -1)                # ... and opens its gate
+    with pytest.raises(RuntimeError, match="inside another"):
+        with ten.request(1):
+            with ten.request(1):
+                pass
+    assert arb.active == 0 and ten._opens is None     # the outer batch ended cleanly
     gates.calls.clear()
     ten.after_launch(0x10, ten.before_launch(0x10))
     assert arb.active == 0                       # a launch outside a batch leaves at once
