@@ -160,6 +160,7 @@ class GpuArbiter(Arbiter):
         # polling issuer would take the GIL from LC's threads every wake)
         self._lc_ended = threading.Condition(self._lock)
         self._leaves = 0
+        self._sleepers = 0      # issuers asleep on it: a leave with none notifies nothing
         self._energy_stop = threading.Event()
         self.idle_energy_j = 0.0
         self.nvml: power.Nvml | None = None
@@ -301,7 +302,8 @@ class GpuArbiter(Arbiter):
         with self._lock:
             self.lc_active -= 1
             self._leaves += 1
-            self._lc_ended.notify_all()
+            if self._sleepers:      # Python's notify_all costs LC's thread ~1 us even idle
+                self._lc_ended.notify_all()
 
     def _next_request(self, t: GpuTenant) -> int:
         """Number ``t``'s next request on its counter (BE parks on it, park.py);
@@ -529,7 +531,11 @@ class GpuArbiter(Arbiter):
         ``timeout_s`` (a polling issuer would take the GIL at every wake)."""
         with self._lc_ended:
             if self._leaves == leaves:
-                self._lc_ended.wait(timeout_s)
+                self._sleepers += 1
+                try:
+                    self._lc_ended.wait(timeout_s)
+                finally:
+                    self._sleepers -= 1
 
     def _unstick(self, ts: tuple[GpuTenant, ...]) -> None:
         """Open the gates of LC requests stuck behind a BE gate wait (plan.stuck).

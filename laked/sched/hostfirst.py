@@ -39,6 +39,7 @@ class HostFirst:
         self._cond = threading.Condition(threading.Lock())
         self._at: dict[int, float] = {}   # LC request (its key) -> host time BE yields from
         self.after = INF                  # BE yields from this host time (perf_counter) on
+        self._sleepers = 0                # BE threads waiting: no wake to send without one
         self.waits = 0                    # BE threads' waits ...
         self.wait_s = 0.0                 # ... and their time
 
@@ -51,7 +52,7 @@ class HostFirst:
             was = self.after
             self._at[key] = at
             self._set_after()
-            if self.after > was:
+            if self.after > was and self._sleepers:
                 # only a hold that moved later lets BE go: another request's
                 # earlier hold keeps its waiters asleep (a wake takes the GIL)
                 self._cond.notify_all()
@@ -66,10 +67,12 @@ class HostFirst:
         with self._cond:
             if self._at.pop(key, None) is not None:
                 self._set_after()
-                self._cond.notify_all()
+                if self._sleepers:      # LC's thread pays for notify_all even with none
+                    self._cond.notify_all()
 
     def _set_after(self) -> None:
-        self.after = min(self._at.values(), default=INF)
+        at = self._at
+        self.after = min(at.values()) if at else INF
 
     def pause(self) -> None:
         """A BE thread between ops: wait while an LC request's host path runs."""
@@ -82,7 +85,11 @@ class HostFirst:
                 now = time.perf_counter()
                 if now >= end or now < self.after:
                     break
-                self._cond.wait(end - now)     # woken when a hold ends or moves later
+                self._sleepers += 1
+                try:
+                    self._cond.wait(end - now)     # woken when a hold ends or moves later
+                finally:
+                    self._sleepers -= 1
             self.waits += 1
             self.wait_s += time.perf_counter() - t0
 

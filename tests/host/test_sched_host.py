@@ -681,6 +681,7 @@ def test_host_first_holds_be_only_while_an_lc_host_path_runs(
     th.join(1)
     assert done and done[0] >= released and hf.waits == 1
     assert hf.after == hostfirst.INF and hf.stats()["host_first_waits"] == 1
+    assert hf._sleepers == 0                    # counted out again: releases notify no one
 
 
 def test_host_first_lets_be_run_while_lc_is_on_the_gpu_until_near_its_end(
