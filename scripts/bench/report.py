@@ -643,6 +643,7 @@ def main() -> int:
     rep, rep_now = against(before), against(sched)
     rep_s26 = against(load("sched_gpu_a04b716.json"))
     rep_s27 = against(load("sched_gpu_dc77b5d.json"))
+    rep_s28 = against(load("sched_gpu_7d802b1.json"))
     branch = against(load("sched_gpu_previous.json"))
 
     def untitled(section: Callable[[Any], list[str]]) -> Callable[[Any, str], list[str]]:
@@ -650,7 +651,15 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
-        (rep_now, "sched_gpu_s29_kinfer.json",
+        (rep_now, "sched_gpu_s30_rep.json",
+         "Stop 30: the whole table again, same tree (b8fb4cf), other processes"),
+        (split_section, "kinfer_split_s30.json",
+         "Stop 30: kernel INFER step by step, stop 29's tree against the flat INFER batch"),
+        (variants_section, "kinfer_knobs_s30_ab.json",
+         "Stop 30: kernel INFER beside BE under park_raw and without the hold, "
+         "interleaved A/B (defaults kept)"),
+        (rep_now, "sched_gpu_7d802b1.json", "Stop 28's main table (7d802b1): its lake rows"),
+        (rep_s28, "sched_gpu_s29_kinfer.json",
          "Stop 29: kinfer LC on the INFER gate's host store, three processes (all with steal)"),
         (split_section, "kinfer_split.json",
          "Kernel INFER through the arbiter alone and beside BE: its round trip step by step"),
@@ -660,9 +669,9 @@ def main() -> int:
         (variants_section, "unstick_ab.json",
          "A held BE issuer opening a stuck LC request's gates (`unstick_ms` 5), interleaved "
          "A/B (adopted)"),
-        (rep_now, "sched_gpu_steal.json",
+        (rep_s28, "sched_gpu_steal.json",
          "The training pairs in four processes, with the host's steal time"),
-        (rep_now, "sched_gpu_s28_call3.json",
+        (rep_s28, "sched_gpu_s28_call3.json",
          "Every pair once more, the call before the table's (stop 27's scheduler)"),
         (rep_now, "sched_gpu_dc77b5d.json", "Stop 27's main table (dc77b5d): its lake rows"),
         (rep_s27, "sched_gpu_s27_call3.json",
