@@ -227,9 +227,10 @@ class GpuTenancy(Tenancy):
 
 
 class _Batch:
-    """One INFER batch's entry and exit (GpuTenancy.request), flat: the
-    generic request, the host-path hold and the batch's own bookkeeping as
-    three context managers cost ~45 us of the device's host per batch."""
+    """One INFER batch's entry and exit (GpuTenancy.request), flat.  As
+    three nested context managers (the generic request, the host-path hold,
+    the batch's own bookkeeping), with a queued open, lake added 59-66 us to
+    each batch on an H200's host; this way, 32 us (kinfer_split, stop 30)."""
 
     __slots__ = ("ten", "items", "key", "t0")
 
