@@ -328,19 +328,15 @@ class GpuArbiter(Arbiter):
         """One LC request: ``fn`` issues it on the tenant's stream; returns when done."""
         assert isinstance(t, GpuTenant) and t.is_lc
         ensure_ctx()
-        with t.lock, self.host_path() as (key, lead):   # one request at a time: one gate
-            return self._request(t, fn, items, key, lead)
-
-    @contextlib.contextmanager
-    def host_path(self) -> Iterator[tuple[int, float]]:
-        """BE's Python waits (hostfirst.py) while this thread runs an LC
-        request in the block; yields the hold's key and lead (host_first_us)."""
-        key, lead = threading.get_ident(), self.knobs.host_first_us / 1e6
-        self.host_first.hold(key, lead)
-        try:
-            yield key, lead
-        finally:
-            self.host_first.release(key)
+        with t.lock:                        # one request of a tenant at a time: one gate
+            # BE's Python waits (hostfirst.py) from here; inline, not a context
+            # manager's generator, as it runs on every request (tenancy's _Batch)
+            key, lead = threading.get_ident(), self.knobs.host_first_us / 1e6
+            self.host_first.hold(key, lead)
+            try:
+                return self._request(t, fn, items, key, lead)
+            finally:
+                self.host_first.release(key)
 
     def _request(self, t: GpuTenant, fn: Callable[[], T], items: int, key: int,
                  lead: float) -> T:

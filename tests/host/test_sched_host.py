@@ -449,7 +449,6 @@ class _Arb:
         from laked.sched.knobs import Knobs
         self.knobs = Knobs(park_raw=True)
         self.host_first = HostFirst()
-        self.host_path = types.MethodType(GpuArbiter.host_path, self)
         self._next_request = types.MethodType(GpuArbiter._next_request, self)
         self._mark = types.MethodType(GpuArbiter._mark, self)
         self.parks = _RecordingParks(gates.calls, counters)
