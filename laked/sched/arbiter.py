@@ -564,8 +564,11 @@ class GpuArbiter(Arbiter):
         ensure_thread(p.stream_for("full"))
         p.owner = threading.get_ident()
         p.kind = "full"
+        # autograd runs a CUDA backward on its device thread unless told:
+        # each of its ops then takes the GIL from the issuer's thread
+        threads = torch.autograd.set_multithreading_enabled(not self.knobs.inline_backward)
         try:
-            with torch.cuda.stream(p.stream_for("full")), AtomizeMode(p):
+            with threads, torch.cuda.stream(p.stream_for("full")), AtomizeMode(p):
                 yield
         finally:
             p.drain()           # busy time was counted atom by atom

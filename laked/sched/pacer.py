@@ -208,14 +208,16 @@ class Pacer:
         plan = self.arb.be_plan(self, need_s)
         slots = plan.slots
         if plan.kind != self.kind:
-            if threading.get_ident() == self.owner:
+            # not inside a backward (inline_backward): autograd's engine sets
+            # each node's stream back after it, so a move would not stay
+            if threading.get_ident() == self.owner and torch._C._current_graph_task_id() < 0:
                 new = self.stream_for(plan.kind)
                 new.wait_stream(torch.cuda.current_stream())    # keep the job's order
                 torch.cuda.set_stream(new)
                 self.kind = plan.kind
             else:
-                # autograd's thread: its stream is not ours to move, so the
-                # atom waits for every LC tenant wherever it runs
+                # autograd's thread, or a backward: its stream is not ours to
+                # move, so the atom waits for every LC tenant wherever it runs
                 slots = self.arb.lc_slots()
         stream = raw_stream(self.dev)
         if self.arb.knobs.be_sms or sm_target_set():

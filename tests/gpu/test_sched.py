@@ -763,10 +763,22 @@ def test_atomize_mode_gives_identical_results(arb) -> None:  # type: ignore[no-u
         arb.remove_tenant(be)
 
 
-def test_training_step_under_the_atomizer_matches(arb) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("inline", [False, True])
+def test_training_step_under_the_atomizer_matches(arb, inline: bool) -> None:  # type: ignore[no-untyped-def]
+    """A training step's gradients through the atomizer equal the direct
+    step's; with ``inline_backward`` its backward's atoms open on the job's
+    own thread (not autograd's), and the setting does not outlive be()."""
     from laked.tenants import TenantSpec
     arb.knobs.idle_atom_us = arb.knobs.atom_us = 50.0
+    arb.knobs.inline_backward = inline
     be = arb.add_tenant(TenantSpec("t-train", "BE", 0, kind="job"))
+    threads: set[int] = set()
+    boundary = be.pacer._boundary
+
+    def seen(*a, **k):  # type: ignore[no-untyped-def]
+        threads.add(threading.get_ident())
+        return boundary(*a, **k)
+    be.pacer._boundary = seen
 
     def step(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -786,8 +798,11 @@ def test_training_step_under_the_atomizer_matches(arb) -> None:  # type: ignore[
         assert be.atoms - atoms0 > 10
         for r, g_ in zip(ref, got, strict=True):
             assert torch.allclose(r, g_, rtol=1e-5, atol=1e-6), (r - g_).abs().max()
+        assert (threads == {threading.get_ident()}) == inline, threads
+        assert torch.autograd.is_multithreading_enabled()
     finally:
         arb.knobs.idle_atom_us, arb.knobs.atom_us = 2000.0, 400.0
+        arb.knobs.inline_backward = False
         arb.remove_tenant(be)
 
 
