@@ -33,7 +33,7 @@ class Knobs:
     learn_whole: bool = True        # learn ops run whole's measured / estimated time
     fill_pointwise: bool = True     # cut a pointwise op to fill the room before LC
     depth: int = 4                  # BE atoms queued per tenant (gated: LC waits for one)
-    inline_backward: bool = False   # a BE job's backward runs on its own thread, not autograd's
+    inline_backward: bool = True    # a BE job's backward runs on its own thread, not autograd's
     quiet_s: float = 1.0            # an LC tenant this long without requests is idle
     slip: float = 1.1               # right-sizing: latency within slip x whole GPU
     rightsize: bool = True

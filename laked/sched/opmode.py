@@ -1,8 +1,9 @@
 """Op-level atomizer for torch work: the big ops a BE job issues, cut into atoms.
 
 Installed (as a TorchDispatchMode) on a best-effort job's thread by
-``GpuArbiter.be()``; autograd carries it to the backward thread too, so a
-training step's backward ops are paced like its forward ops.  Every aten op
+``GpuArbiter.be()``; a training step's backward runs on the same thread
+(``inline_backward``; off, autograd carries the mode to its device
+thread), so its ops are paced like its forward ops.  Every aten op
 that launches GPU work goes through the tenant's ``Pacer``:
 
 - matmuls (mm, addmm along M; bmm along the batch), convolutions along the

@@ -768,6 +768,7 @@ def test_training_step_under_the_atomizer_matches(arb, inline: bool) -> None:  #
     """A training step's gradients through the atomizer equal the direct
     step's; with ``inline_backward`` its backward's atoms open on the job's
     own thread (not autograd's), and the setting does not outlive be()."""
+    from laked.sched.knobs import Knobs
     from laked.tenants import TenantSpec
     arb.knobs.idle_atom_us = arb.knobs.atom_us = 50.0
     arb.knobs.inline_backward = inline
@@ -802,7 +803,7 @@ def test_training_step_under_the_atomizer_matches(arb, inline: bool) -> None:  #
         assert torch.autograd.is_multithreading_enabled()
     finally:
         arb.knobs.idle_atom_us, arb.knobs.atom_us = 2000.0, 400.0
-        arb.knobs.inline_backward = False
+        arb.knobs.inline_backward = Knobs().inline_backward
         arb.remove_tenant(be)
 
 
