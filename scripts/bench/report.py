@@ -116,7 +116,7 @@ def _host(r: Any) -> str:
 
 SHOWN_KNOBS = ("atom_us", "light_atom_us", "idle_atom_us", "min_atom_us", "depth", "hold_us",
                "lead_us", "park", "park_one", "park_raw", "be_duty", "gil_switch_us",
-               "host_first_us", "gate_timeout_ms", "unstick_ms")
+               "host_first_us", "gate_timeout_ms", "unstick_ms", "inline_backward")
 
 PAIR_HEAD = ["| LC+BE | config | LC p50 (ms) | LC p99 (ms) | LC max (ms) | p50 / isolated | "
              "p99 / isolated | BE / solo | LC goodput | GPU mJ per LC request (BE's included) | "
@@ -644,6 +644,7 @@ def main() -> int:
     rep_s26 = against(load("sched_gpu_a04b716.json"))
     rep_s27 = against(load("sched_gpu_dc77b5d.json"))
     rep_s28 = against(load("sched_gpu_7d802b1.json"))
+    rep_s30 = against(load("sched_gpu_b8fb4cf.json"))
     branch = against(load("sched_gpu_previous.json"))
 
     def untitled(section: Callable[[Any], list[str]]) -> Callable[[Any, str], list[str]]:
@@ -651,7 +652,14 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
-        (rep_now, "sched_gpu_s30_rep.json",
+        (variants_section, "inline_backward_ab.json",
+         "Stop 31: a BE job's backward on its own thread (`inline_backward`), interleaved "
+         "A/B beside gemm, conv and kinfer LC (adopted)"),
+        (variants_section, "raw_overrun_ab.json",
+         "Stop 31: BE planning past kernel INFER's predicted arrival (`raw_overrun_us`, "
+         "branch exp/raw-overrun), interleaved A/B on a stolen host (not merged)"),
+        (rep_now, "sched_gpu_b8fb4cf.json", "Stop 30's main table (b8fb4cf): its lake rows"),
+        (rep_s30, "sched_gpu_s30_rep.json",
          "Stop 30: the whole table again, same tree (b8fb4cf), other processes"),
         (split_section, "kinfer_split_s30.json",
          "Stop 30: kernel INFER step by step, stop 29's tree against the flat INFER batch"),
