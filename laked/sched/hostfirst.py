@@ -6,9 +6,9 @@ theirs for the GIL.  A job that issues many small ops wants the GIL nearly
 all the time: a training step sends every op through the atomizer's
 dispatch mode, on its own thread (and on autograd's, without
 ``inline_backward``).  The LC thread then waits a switch interval or more
-at each GIL handover, and every driver call it makes is one.  On an H200, the slowest 1 % of gemm LC requests beside
-training spent 0.53 ms between arrival and issue; the middle half spent
-0.05 ms.
+at each GIL handover, and every driver call it makes is one.  On an H200,
+the slowest 1 % of gemm LC requests beside training spent 0.53 ms between
+arrival and issue; the middle half spent 0.05 ms.
 
 So while an LC request is in its host path, BE threads wait at their next
 op (``pause``) instead of running Python.  The host path is two spans: the

@@ -45,6 +45,8 @@ FILL_S = 100e-6      # fill_pointwise: a shorter room is not worth a cut
 FILL_X = 0.8         # ... nor one the op nearly fits (the cut would leave a sliver)
 ISSUE_MAX = 4.0      # an atom's issue share counts up to this (a job paused is not issuing)
 ISSUE_DECAY = 0.9    # issue_x's memory: about the last ten atoms
+# -1 outside a backward; a torch without it: always "inside" (streams stay put)
+_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: 0)
 
 
 @dataclass(slots=True)
@@ -210,7 +212,7 @@ class Pacer:
         if plan.kind != self.kind:
             # not inside a backward (inline_backward): autograd's engine sets
             # each node's stream back after it, so a move would not stay
-            if threading.get_ident() == self.owner and torch._C._current_graph_task_id() < 0:
+            if threading.get_ident() == self.owner and _graph_task() < 0:
                 new = self.stream_for(plan.kind)
                 new.wait_stream(torch.cuda.current_stream())    # keep the job's order
                 torch.cuda.set_stream(new)

@@ -255,6 +255,22 @@ def test_sm_target_state_is_per_thread() -> None:
 torch = pytest.importorskip("torch", reason="the op atomizer needs torch")
 
 
+def test_the_pacer_tells_a_backward_from_the_job_outside_it() -> None:
+    """inline_backward runs a job's backward on its own thread, where the
+    pacer must not move streams (autograd sets each node's back): it reads
+    torch's graph-task id, which a torch upgrade could take away."""
+    from laked.sched import pacer
+    seen: list[tuple[int, int]] = []
+    x = torch.ones(4, requires_grad=True)
+    y = (x * 2.0).sum()
+    y.register_hook(lambda g: seen.append((pacer._graph_task(), threading.get_ident())))
+    assert pacer._graph_task() < 0
+    with torch.autograd.set_multithreading_enabled(False):
+        y.backward()
+    assert seen and seen[0][0] >= 0 and seen[0][1] == threading.get_ident(), seen
+    assert pacer._graph_task() < 0
+
+
 def _run(plan, step: int) -> None:  # type: ignore[no-untyped-def]
     for i in range(0, plan.rows, step):
         plan.piece(i, min(plan.rows, i + step))
