@@ -61,7 +61,7 @@ from .blas import set_sm_target, sm_target_set
 from .base import Arbiter, Tenancy, TenantState
 from .gate import Gates
 from .governor import Governor, target_mhz
-from .hostfirst import HostFirst, next_wait
+from .hostfirst import HostFirst, Wakeable, next_wait
 from .knobs import Knobs
 from .opmode import AtomizeMode, Split
 from .fast import Events, ensure_ctx, ensure_thread, raw_stream, set_primary, using
@@ -158,9 +158,8 @@ class GpuArbiter(Arbiter):
         self.host_first = HostFirst()
         # BE issuers holding for LC sleep on this until a request ends (a
         # polling issuer would take the GIL from LC's threads every wake)
-        self._lc_ended = threading.Condition(self._lock)
+        self._lc_ended = Wakeable(self._lock)
         self._leaves = 0
-        self._sleepers = 0      # issuers asleep on it: a leave with none notifies nothing
         self._energy_stop = threading.Event()
         self.idle_energy_j = 0.0
         self.nvml: power.Nvml | None = None
@@ -302,8 +301,7 @@ class GpuArbiter(Arbiter):
         with self._lock:
             self.lc_active -= 1
             self._leaves += 1
-            if self._sleepers:      # Python's notify_all costs LC's thread ~1 us even idle
-                self._lc_ended.notify_all()
+            self._lc_ended.wake_all()
 
     def _next_request(self, t: GpuTenant) -> int:
         """Number ``t``'s next request on its counter (BE parks on it, park.py);
@@ -527,11 +525,7 @@ class GpuArbiter(Arbiter):
         ``timeout_s`` (a polling issuer would take the GIL at every wake)."""
         with self._lc_ended:
             if self._leaves == leaves:
-                self._sleepers += 1
-                try:
-                    self._lc_ended.wait(timeout_s)
-                finally:
-                    self._sleepers -= 1
+                self._lc_ended.wait(timeout_s)
 
     def _unstick(self, ts: tuple[GpuTenant, ...]) -> None:
         """Open the gates of LC requests stuck behind a BE gate wait (plan.stuck).

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 INF = float("inf")
 CAP_S = 0.002        # a BE thread waits at most this long per op
@@ -32,14 +33,35 @@ EMA = 0.2            # weight of the newest GPU wait in its average
 WAIT_X = 0.9         # BE yields from this share of the average wait, less the lead
 
 
+class Wakeable(threading.Condition):
+    """A condition that counts its sleepers, so a wake with none costs nothing:
+    Python's notify_all cost LC's thread ~1 us a call even with no waiter.
+    The count changes under the condition's lock, as waits do."""
+
+    def __init__(self, lock: Any = None) -> None:
+        super().__init__(lock)
+        self.sleepers = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.sleepers += 1
+        try:
+            return super().wait(timeout)
+        finally:
+            self.sleepers -= 1
+
+    def wake_all(self) -> None:
+        """notify_all, if anyone sleeps (the lock held, as for notify_all)."""
+        if self.sleepers:
+            self.notify_all()
+
+
 class HostFirst:
     """Holds BE threads' Python while LC requests run their host paths."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._cond = Wakeable(threading.Lock())
         self._at: dict[int, float] = {}   # LC request (its key) -> host time BE yields from
         self.after = INF                  # BE yields from this host time (perf_counter) on
-        self._sleepers = 0                # BE threads waiting: no wake to send without one
         self.waits = 0                    # BE threads' waits ...
         self.wait_s = 0.0                 # ... and their time
 
@@ -52,10 +74,10 @@ class HostFirst:
             was = self.after
             self._at[key] = at
             self._set_after()
-            if self.after > was and self._sleepers:
+            if self.after > was:
                 # only a hold that moved later lets BE go: another request's
                 # earlier hold keeps its waiters asleep (a wake takes the GIL)
-                self._cond.notify_all()
+                self._cond.wake_all()
 
     def hold_near_end(self, key: int, lead_s: float, queued: float, avg_wait_s: float) -> None:
         """BE yields to request ``key`` from ``lead_s`` before its GPU work,
@@ -67,8 +89,7 @@ class HostFirst:
         with self._cond:
             if self._at.pop(key, None) is not None:
                 self._set_after()
-                if self._sleepers:      # LC's thread pays for notify_all even with none
-                    self._cond.notify_all()
+                self._cond.wake_all()
 
     def _set_after(self) -> None:
         at = self._at
@@ -85,13 +106,14 @@ class HostFirst:
                 now = time.perf_counter()
                 if now >= end or now < self.after:
                     break
-                self._sleepers += 1
-                try:
-                    self._cond.wait(end - now)     # woken when a hold ends or moves later
-                finally:
-                    self._sleepers -= 1
+                self._cond.wait(end - now)     # woken when a hold ends or moves later
             self.waits += 1
             self.wait_s += time.perf_counter() - t0
+
+    @property
+    def _sleepers(self) -> int:
+        """BE threads waiting now (a hold or release with none wakes no one)."""
+        return self._cond.sleepers
 
     def stats(self) -> dict[str, float]:
         return {"host_first_waits": self.waits, "host_first_wait_s": round(self.wait_s, 6)}
