@@ -111,6 +111,8 @@ class Server:
         for rid, (res, r0, r1) in self.executor.reap():
             self._complete(Cqe(rid, res, r0, r1))
         self._post()
+        if sqes:
+            self.executor.posted()      # bookkeeping the kernel need not wait for
         return len(sqes)
 
     def _execute(self, sqe: Sqe) -> None:

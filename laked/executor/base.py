@@ -131,6 +131,7 @@ class Executor(ABC):
         self._models: dict[tuple[int, int], FixedMLP] = {}
         # whose work this is, for the arbiter (laked binds the kernel's or a client's tenant)
         self.tenancy = Tenancy()
+        self._settle: Tenancy | None = None     # whose bookkeeping posted() runs
         for op, name in OP_NAMES.items():
             fn = getattr(self, f"op_{name}", None)
             if fn is not None:
@@ -214,6 +215,14 @@ class Executor(ABC):
             log.exception("%s (session %d) failed unexpectedly", op_name(sqe.op), sqe.session)
             return (abi.LAKE_CUDA_ERROR_UNKNOWN, 0, 0)
 
+    def posted(self) -> None:
+        """The server posted this round's completions: the tenancy's
+        bookkeeping of the round's INFER batches, which the kernel need not
+        wait for, runs now (Tenancy.settle)."""
+        ten, self._settle = self._settle, None
+        if ten is not None:
+            ten.settle()
+
     def reap(self) -> list[tuple[int, Completion]]:
         """Completions of requests that ``execute`` answered with None."""
         return []
@@ -266,7 +275,8 @@ class Executor(ABC):
                           f"payload {sqe.data_len} bytes, batch {batch} needs {in_len + out_len}")
         data = self.payload(sqe)
         x = np.frombuffer(data[:in_len], dtype="<i4").reshape(batch, n_in)
-        with self.tenancy.request(batch):     # done once the output is in the region
+        ten = self._settle = self.tenancy     # its bookkeeping waits for posted()
+        with ten.request(batch):              # done once the output is in the region
             y = self.run_mlp(mid, version, model, x)
             data[in_len:] = np.ascontiguousarray(y, dtype="<i4").tobytes()
         return OK

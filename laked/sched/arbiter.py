@@ -228,14 +228,12 @@ class GpuArbiter(Arbiter):
 
     def add_tenant(self, spec: TenantSpec) -> TenantState:
         t = super().add_tenant(spec)
-        with self._tlock:
-            self._lc = None
+        self._tenants_changed()
         return t
 
     def remove_tenant(self, t: TenantState) -> None:
         super().remove_tenant(t)
-        with self._tlock:
-            self._lc = None
+        self._tenants_changed()
         assert isinstance(t, GpuTenant)
         if t.pacer is not None:
             t.pacer.close()
@@ -251,6 +249,13 @@ class GpuArbiter(Arbiter):
         if t.pass_slot >= 0:
             self.parks.release(t.pass_slot, t.pass_n)
             t.pass_slot = -1
+
+    def _tenants_changed(self) -> None:
+        with self._tlock:
+            self._lc = None
+            # BE jobs' threads, which pause for LC's host paths (none: no hold)
+            self.host_first.users = sum(isinstance(t, GpuTenant) and t.pacer is not None
+                                        for t in self.tenants.values())
 
     def lc_tenants(self) -> tuple[GpuTenant, ...]:
         """The LC tenants (every BE plan asks: kept until a tenant comes or goes)."""

@@ -102,6 +102,9 @@ class Tenancy:
     def close(self) -> None:
         """The executor closed, its work all done."""
 
+    def settle(self) -> None:
+        """Bookkeeping a request left for after its completion was posted."""
+
     @contextlib.contextmanager
     def request(self, items: int) -> Iterator[None]:
         """One request (an INFER batch of ``items`` rows), timed until it is done."""

@@ -59,21 +59,30 @@ class HostFirst:
     """Holds BE threads' Python while LC requests run their host paths."""
 
     def __init__(self) -> None:
-        self._cond = Wakeable(threading.Lock())
+        self._lock = threading.Lock()     # taken bare where the condition's methods cost
+        self._cond = Wakeable(self._lock)
         self._at: dict[int, float] = {}   # LC request (its key) -> host time BE yields from
         self.after = INF                  # BE yields from this host time (perf_counter) on
+        self.users = 0                    # BE threads that may pause: none, nothing to hold
         self.waits = 0                    # BE threads' waits ...
         self.wait_s = 0.0                 # ... and their time
 
+    # hold and release sit on every LC request, run on a cache the BE job's
+    # Python has just swept: the fewest frames they can (a hold through the
+    # condition's methods and a scan of every hold cost an INFER batch ~8 us)
     def hold(self, key: int, lead_s: float, at: float = 0.0) -> None:
         """BE yields to request ``key`` from host time ``at`` on (0: now).
-        ``lead_s`` 0: the knob is off, nothing is held."""
-        if not lead_s:
+        ``lead_s`` 0: the knob is off, nothing is held; nor with no ``users``
+        (a BE job that starts meanwhile is held from the next request on)."""
+        if not lead_s or not self.users:
             return
-        with self._cond:
-            was = self.after
+        with self._lock:
             self._at[key] = at
-            self._set_after()
+            if at <= self.after:
+                self.after = at         # earlier than every hold: no waiter has to move
+                return
+            was = self.after
+            self.after = min(self._at.values())
             if self.after > was:
                 # only a hold that moved later lets BE go: another request's
                 # earlier hold keeps its waiters asleep (a wake takes the GIL)
@@ -86,14 +95,11 @@ class HostFirst:
 
     def release(self, key: int) -> None:
         """Request ``key``'s host path is over: BE goes on."""
-        with self._cond:
-            if self._at.pop(key, None) is not None:
-                self._set_after()
+        with self._lock:
+            at = self._at
+            if at.pop(key, None) is not None:
+                self.after = min(at.values()) if at else INF
                 self._cond.wake_all()
-
-    def _set_after(self) -> None:
-        at = self._at
-        self.after = min(at.values()) if at else INF
 
     def pause(self) -> None:
         """A BE thread between ops: wait while an LC request's host path runs."""

@@ -34,7 +34,11 @@ through torch, so the arbiter cannot atomize that work; it can gate it:
   (``host_first_us``, hostfirst.py): the batch is nearly all host time
   (copies, launches, driver calls that each hand the GIL over).  Entering
   and leaving a batch is one flat object (``_Batch``), since it runs on
-  every kernel request.
+  every kernel request.  Its other bookkeeping stays off the kernel's
+  path: the arrival is counted while the GPU runs the batch's layers, its
+  time and its leave (which wakes BE's issuers; their queued atoms went at
+  the gate's open) once its completion is posted (``settle``, from the
+  executor's ``posted``).
 - **BE tenant** (a user client that asked for BE): every launch first waits
   on the GPU for all LC gates.  Its kernels run whole: laked cannot cut a
   cubin it did not compile into block ranges.
@@ -60,6 +64,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..tenants import LC
 from .base import Tenancy, TenantState
 from .gate import GateError
 from .partition import check
@@ -83,21 +88,26 @@ class GpuTenancy(Tenancy):
         # no right-sizing (its predictor would see one size only)
         self.gt.allow_partition = False
         self.gt.model = None
+        self.lc = tenant.spec.cls == LC  # fixed for a tenant's life; read on every launch
         self.broken = ""                # why launches now go ungated
         self._retiring: list[tuple[int, Any]] = []     # (stream_slots key, event)
-        # in an INFER batch: the gates it shut (opened as it ends) and its
-        # leaves held back; None outside a batch
+        # in an INFER batch: the gates it shut (opened as it ends), its start
+        # and its leaves held back; None outside a batch
         self._opens: list[int] | None = None
+        self._t0 = 0.0
         self._leaves_due = 0
+        # an ended batch's bookkeeping, for settle(): (seconds, -1.0 failed or
+        # None, items, leaves); None: nothing owed
+        self._due: tuple[float | None, int, int] | None = None
 
     @property
     def nonblocking_streams(self) -> bool:     # type: ignore[override]
-        return not self.gt.is_lc
+        return not self.lc
 
     @property
     def ungated(self) -> int:
         """BE launches on the legacy stream (every other one waited at the gates)."""
-        return 0 if self.gt.is_lc else self.gt.launches - self.gt.atoms
+        return 0 if self.lc else self.gt.launches - self.gt.atoms
 
     def _slot(self, stream: Any) -> int:
         t = self.gt
@@ -120,7 +130,7 @@ class GpuTenancy(Tenancy):
         if self._retiring:
             self._reap()
         try:
-            if not t.is_lc:
+            if not self.lc:
                 if int(stream) != 0:    # not the legacy stream: see the module docstring
                     self.gates.wait(stream, self.arb.lc_slots())
                     t.atoms += 1
@@ -140,25 +150,36 @@ class GpuTenancy(Tenancy):
             return NOTHING
         # the arbiter's own tenant: its private bookkeeping is ours to call
         n = self.arb._next_request(t) if self.arb.knobs.park_raw else -1    # noqa: SLF001
-        self.arb._arrive(t, time.perf_counter())   # noqa: SLF001
+        if opens is None:
+            self.arb._arrive(t, time.perf_counter())   # noqa: SLF001
         return slot, n
 
     def after_launch(self, stream: Any, token: tuple[int, int] | None) -> None:
         if token is NOTHING:
             return
         slot, n = token
-        batch = self._opens is not None     # a batch opens its gates as it ends
+        if self._opens is not None:
+            self._batch_launched(stream, n)
+            return
         try:
-            if not batch:
-                self.gates.open(slot, stream)
+            self.gates.open(slot, stream)
             self.arb._mark(self.gt, stream, n)     # noqa: SLF001
         except GateError as e:
             self._break(str(e))         # the watchdog reopens it: still recorded as shut
         finally:
-            if batch:
-                self._leaves_due += 1
-            else:
-                self.arb._leave(self.gt)            # noqa: SLF001
+            self.arb._leave(self.gt)                # noqa: SLF001
+
+    def _batch_launched(self, stream: Any, n: int) -> None:
+        """A launch of an INFER batch is queued: its arrival is counted now,
+        while the GPU runs it (before the launch, its Python was ~10 us on
+        the batch's path), and its leave once the batch is settled."""
+        arb = self.arb
+        try:
+            arb._mark(self.gt, stream, n)           # noqa: SLF001
+        except GateError as e:
+            self._break(str(e))
+        arb._arrive(self.gt, self._t0)              # noqa: SLF001
+        self._leaves_due += 1
 
     def request(self, items: int) -> _Batch:
         """An INFER batch: LC leaves once its result is on the host, as a torch
@@ -166,8 +187,26 @@ class GpuTenancy(Tenancy):
         A BE issuer woken at the queueing would run its Python through the
         rest of the batch (the copy back, the completion), and each of the
         batch's remaining steps would wait for the GIL.  For the same reason
-        BE's Python waits (hostfirst.py) while an LC tenant's batch runs."""
+        BE's Python waits (hostfirst.py) while an LC tenant's batch runs.
+        The batch's gates open and BE's Python goes on as it ends; the rest
+        of its bookkeeping waits for ``settle``."""
         return _Batch(self, items)
+
+    def settle(self) -> None:
+        """The last batch's bookkeeping (its time, its leaves), which the
+        executor defers until the batch's completion is posted (the kernel
+        waits for that, not for this): the next batch, or the tenancy's
+        close, settles it if nothing did."""
+        due, self._due = self._due, None
+        if due is None:
+            return
+        dt, items, leaves = due
+        t = self.gt
+        if dt is not None:
+            t.record(dt, items)
+        arb = self.arb
+        for _ in range(leaves):
+            arb._leave(t)       # noqa: SLF001 - the arbiter's own tenant
 
     def forget(self, stream: Any) -> None:
         """Called before ``stream`` is destroyed: its gate goes back once its work ran."""
@@ -211,6 +250,7 @@ class GpuTenancy(Tenancy):
 
     def close(self) -> None:
         """The executor closed: every gate goes back once its stream's work ran."""
+        self.settle()
         self._reap(wait=True)
 
     def context_lost(self) -> None:
@@ -230,36 +270,42 @@ class _Batch:
     """One INFER batch's entry and exit (GpuTenancy.request), flat.  As
     three nested context managers (the generic request, the host-path hold,
     the batch's own bookkeeping), with a queued open, lake added 59-66 us to
-    each batch on an H200's host; this way, 32 us (kinfer_split, stop 30)."""
+    each batch on an H200's host; this way, 32 us (kinfer_split, stop 30).
+    Each function a batch touches costs ~1 us more than its work: laked's
+    other Python (a BE job's) runs between batches and leaves the caches
+    cold.  So its exit does only what BE waits for (the gates, the hold),
+    and leaves the rest to ``settle``."""
 
-    __slots__ = ("ten", "items", "key", "t0")
+    __slots__ = ("ten", "items", "key")
 
     def __init__(self, ten: GpuTenancy, items: int) -> None:
-        self.ten, self.items, self.key, self.t0 = ten, items, 0, 0.0
+        self.ten, self.items, self.key = ten, items, 0
 
     def __enter__(self) -> None:
         ten = self.ten
         if ten._opens is not None:
             raise RuntimeError(f"{ten.gt.name}: an INFER batch began inside another")
+        if ten._due is not None:
+            ten.settle()            # the last batch's: no completion was posted since
         ten._opens, ten._leaves_due = [], 0
         lead = ten.arb.knobs.host_first_us
-        if lead and ten.gt.is_lc:       # the whole batch is host path (module docstring)
+        if lead and ten.lc:             # the whole batch is host path (module docstring)
             self.key = threading.get_ident()
             ten.arb.host_first.hold(self.key, lead / 1e6)
-        self.t0 = time.perf_counter()
+        ten._t0 = time.perf_counter()
 
     def __exit__(self, typ: Any, exc: Any, tb: Any) -> None:
-        ten, t = self.ten, self.ten.gt
+        ten = self.ten
         if typ is None:
-            t.record(time.perf_counter() - self.t0, self.items)
-        elif issubclass(typ, Exception):
-            t.errors += 1
+            dt: float | None = time.perf_counter() - ten._t0
+        else:
+            dt = None
+            if issubclass(typ, Exception):
+                ten.gt.errors += 1
         opens, ten._opens = ten._opens or [], None
         for slot in opens:
             ten.gates.open_now(slot)
-        arb = ten.arb
-        for _ in range(ten._leaves_due):
-            arb._leave(t)       # noqa: SLF001 - the arbiter's own tenant
-        ten._leaves_due = 0
         if self.key:
-            arb.host_first.release(self.key)
+            ten.arb.host_first.release(self.key)
+        ten._due = (dt, self.items, ten._leaves_due)
+        ten._leaves_due = 0

@@ -387,6 +387,13 @@ def test_watchdog_breaks_a_circular_wait_between_gates(arb) -> None:  # type: ig
         g.release(y)
 
 
+def _until(cond: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    """Wait for ``cond`` (bookkeeping another thread does), at most ``timeout_s``."""
+    end = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.001)
+
+
 def _spin_cycles(ms: float) -> int:
     """SM clock cycles that last at least ``ms`` (H100/H200 SMs clock at most 1980 MHz)."""
     return int(2.0e6 * ms)
@@ -534,6 +541,7 @@ def test_be_client_launches_wait_for_lc_and_infer_is_counted(arb, kernel_side) -
         xq = mlp.to_fixed(np.random.default_rng(batch).normal(size=(batch, 31)), model.frac)
         y = s.infer_rows(1, 1, boff, len(blob), xq, 2)
         assert np.array_equal(y, model.run(xq)), batch
+    _until(lambda: t.requests - req0 == 2)      # kept once its completion is posted
     assert (t.requests - req0, t.items - items0) == (2, 501)
     summary = {x["name"]: x for x in arb.status()["tenants"]}["t-kernel"]
     assert summary["launches"] >= 4 and summary["p50_ms"] is not None
@@ -542,7 +550,8 @@ def test_be_client_launches_wait_for_lc_and_infer_is_counted(arb, kernel_side) -
 def test_infer_lets_be_go_only_once_its_result_is_back(arb, kernel_side) -> None:  # type: ignore[no-untyped-def]
     """An INFER batch's LC request ends (waking BE issuers held for it) once
     its output is on the host, not once its launches are queued: the batch
-    is recorded and its output written by the time it leaves."""
+    is recorded and its output written by the time it leaves (which waits
+    for its completion to be posted: Tenancy.settle)."""
     from laked import mlp
     k, s, _spin, t = kernel_side
     model = mlp.quantize(*mlp.linnos_like(5))
@@ -562,6 +571,7 @@ def test_infer_lets_be_go_only_once_its_result_is_back(arb, kernel_side) -> None
     try:
         req0 = t.requests
         s.infer(1, 1, boff, len(blob), 256, 31, 2, off)
+        _until(lambda: bool(seen))
     finally:
         del arb._leave
     assert len(seen) == 1, len(seen)

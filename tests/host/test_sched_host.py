@@ -6,6 +6,7 @@ import threading
 import time
 import types
 
+import numpy as np
 import pytest
 
 from laked.sched import hostfirst, kernel_atoms, power, rightsize
@@ -465,6 +466,7 @@ class _Arb:
         from laked.sched.knobs import Knobs
         self.knobs = Knobs(park_raw=True)
         self.host_first = HostFirst()
+        self.host_first.users = 1       # a BE job's thread may pause
         self._next_request = types.MethodType(GpuArbiter._next_request, self)
         self._mark = types.MethodType(GpuArbiter._mark, self)
         self.parks = _RecordingParks(gates.calls, counters)
@@ -539,34 +541,80 @@ def test_an_infer_batch_leaves_once_it_is_done_not_once_it_is_queued() -> None:
     t = _tenant("LC", gates.slot())
     ten = GpuTenancy(arb, t)                     # type: ignore[arg-type]
     with ten.request(64):
-        for _ in range(2):                       # two launches in one batch
-            ten.after_launch(0x10, ten.before_launch(0x10))
+        ten.after_launch(0x10, ten.before_launch(0x10))
+        assert arb.arrivals == 1                 # counted once its launch is queued
+        tok = ten.before_launch(0x10)
+        assert arb.arrivals == 1                 # ... not before
+        ten.after_launch(0x10, tok)
         assert arb.active == 2                   # gates open on the GPU; LC still here
-    assert arb.active == 0 and t.requests == 1
     # in a batch the gate shuts from the host at the first launch (nothing of
     # the last batch but kernels is queued before it) and opens from the host
     # once the batch is done: no gate write is queued on its stream
     slot = t.stream_slots[0x10]
     assert gates.calls == [("close_now", slot, -1), ("mark", 8, 0x10), ("mark", 9, 0x10),
                            ("open_now", slot, -1)]
+    # its time and its leaves wait for settle (the executor's posted())
+    assert arb.active == 2 and t.requests == 0
+    ten.settle()
+    assert arb.active == 0 and t.requests == 1 and t.latencies[-1] > 0
+    ten.settle()                                 # settles once
+    assert arb.active == 0 and t.requests == 1
     gates.calls.clear()
     with pytest.raises(RuntimeError):
         with ten.request(1):
             ten.after_launch(0x10, ten.before_launch(0x10))
             assert gates.calls[-1] != ("open_now", slot, -1)
             raise RuntimeError("the copy back failed")
-    assert arb.active == 0 and t.errors == 1 and t.requests == 1    # a failed batch leaves
-    assert gates.calls[-1] == ("open_now", slot, -1)                # ... and opens its gate
+    assert gates.calls[-1] == ("open_now", slot, -1)     # a failed batch opens its gate
+    assert t.errors == 1 and arb.active == 1
     with pytest.raises(RuntimeError, match="inside another"):
-        with ten.request(1):
+        with ten.request(1):                     # a batch settles the one before it ...
+            assert arb.active == 0 and t.requests == 1
             with ten.request(1):
                 pass
-    assert arb.active == 0 and ten._opens is None     # the outer batch ended cleanly
+    ten.close()                                  # ... and so does the executor's close
+    assert arb.active == 0 and ten._opens is None and ten._due is None
+    assert (t.requests, t.errors) == (1, 2)      # the outer batch ended, failed by the inner
     gates.calls.clear()
     ten.after_launch(0x10, ten.before_launch(0x10))
     assert arb.active == 0                       # a launch outside a batch leaves at once
     assert [c for c in gates.calls if c[0] != "mark"] == [("close", slot, 0x10),
                                                           ("open", slot, 0x10)]   # both queued
+
+
+def test_a_served_infer_batch_is_settled_once_its_completion_is_posted() -> None:
+    """The server runs the batch's deferred bookkeeping (its time, its leaves)
+    after it posted the batch's completion, not before: the kernel's round
+    trip does not wait for it."""
+    from lake.standin import StandIn
+    from laked import mlp
+    from laked.sched.tenancy import GpuTenancy
+    gates = _RecordingGates()
+    arb = _Arb(gates)
+    t = _tenant("LC", gates.slot())
+    ten = GpuTenancy(arb, t)                     # type: ignore[arg-type]
+    model = mlp.quantize(*mlp.linnos_like(5))
+    blob = model.blob()
+    seen: list[tuple[int, int]] = []
+    real = ten.settle
+
+    def settle() -> None:
+        seen.append((k.server.stats.completions, t.requests))
+        real()
+    ten.settle = settle                          # type: ignore[method-assign]
+    with StandIn(size=8 << 20, executor="cpu") as k:
+        k.executor.tenancy = ten
+        s = k.session()
+        boff = s.host_copy(blob)
+        x = mlp.to_fixed(np.random.default_rng(3).normal(size=(8, 31)), model.frac)
+        posted = k.server.stats.completions
+        assert np.array_equal(s.infer_rows(1, 1, boff, len(blob), x, 2), model.run(x))
+        end = time.monotonic() + 5
+        while t.requests == 0 and time.monotonic() < end:
+            time.sleep(0.001)
+        s.close()
+    assert seen[0] == (posted + 1, 0)            # the completion was out, the batch not yet kept
+    assert t.requests == 1 and t.items == 8 and ten._due is None
 
 
 def test_an_lc_infer_batch_holds_be_python_until_it_is_done() -> None:
@@ -682,10 +730,16 @@ def test_host_first_holds_be_only_while_an_lc_host_path_runs(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hostfirst, "CAP_S", 5.0)    # only a release lets it go
     hf = hostfirst.HostFirst()
+    hf.users = 1                    # a BE job's thread
     hf.pause()                                  # nothing held: goes straight on
     assert hf.waits == 0 and hf.after == hostfirst.INF
     hf.hold(1, 0.0)                             # the knob at 0: holds nothing
     assert hf.after == hostfirst.INF
+    hf.users = 0
+    hf.hold(1, 100e-6)                          # nor with no BE job to hold
+    hf.release(1)
+    assert hf.after == hostfirst.INF and not hf._at
+    hf.users = 1
     hf.hold(1, 100e-6)                          # an LC request arrives
     done: list[float] = []
     th = _pauser(hf, done)
@@ -702,6 +756,7 @@ def test_host_first_holds_be_only_while_an_lc_host_path_runs(
 def test_host_first_lets_be_run_while_lc_is_on_the_gpu_until_near_its_end(
         monkeypatch: pytest.MonkeyPatch) -> None:
     hf = hostfirst.HostFirst()
+    hf.users = 1                    # a BE job's thread
     hf.hold(7, 100e-6)
     monkeypatch.setattr(hostfirst, "CAP_S", 5.0)
     done: list[float] = []
@@ -729,6 +784,7 @@ def test_host_first_lets_be_run_while_lc_is_on_the_gpu_until_near_its_end(
 
 def test_host_first_holds_until_every_lc_request_is_released() -> None:
     hf = hostfirst.HostFirst()
+    hf.users = 1                    # a BE job's thread
     hf.hold(1, 50e-6)
     hf.hold(2, 50e-6, time.perf_counter() + 10.0)
     assert hf.after < time.perf_counter()       # the earliest hold counts
@@ -746,6 +802,7 @@ def test_host_first_keeps_be_asleep_while_another_request_still_holds(
     second request's hold (from now) still keeps waiting."""
     monkeypatch.setattr(hostfirst, "CAP_S", 5.0)
     hf = hostfirst.HostFirst()
+    hf.users = 1                    # a BE job's thread
     hf.hold(1, 100e-6)
     hf.hold(2, 100e-6)
     wakes = 0
