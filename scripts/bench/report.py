@@ -149,6 +149,12 @@ def sched_section(d: Any) -> list[str]:
         out.append(f"| {r['lc_work']} | {r['config']} | {f(r['lc']['p50_ms'], 3)} | "
                    f"{f(r['lc']['p99_ms'], 3)} | {f(r['lc_p50_ratio'], 3)}x | "
                    f"{f(r['lc_p99_ratio'], 3)}x |")
+        il = r.get("interleaved")
+        if il:      # ratios to the direct blocks between its own
+            out.append(f"| {r['lc_work']} | lake-lc-alone, interleaved with direct in blocks "
+                       f"of {il['block']} | {f(il['lake']['p50_ms'], 3)} | "
+                       f"{f(il['lake']['p99_ms'], 3)} | {f(il['p50_ratio'], 3)}x | "
+                       f"{f(il['p99_ratio'], 3)}x |")
     be = {}
     for r in d["runs"]:
         if r["config"] == "isolated-be":

@@ -8,7 +8,9 @@ For every LC x BE pair (scripts/bench/workloads.py), in one process:
   static       green contexts: LC on --quota-sms SMs, BE on the rest
   lake         laked's GpuArbiter: LC through run_lc, BE inside arb.be() (atoms, gates)
 and once per LC workload: lake-lc-alone (LC through the arbiter, nothing else:
-the scheduler's own cost), and once per BE workload lake-be-alone (likewise).
+the scheduler's own cost; then again, interleaved with direct runs in
+blocks, which the machine's drift touches alike), and once per BE workload
+lake-be-alone (likewise).
 LC requests arrive every --period-ms (open loop, paced by sleep + a short
 spin); LC work is a CUDA graph replay in every config (static's graph is
 captured on its partition's stream: a graph keeps the SMs of the green
@@ -418,6 +420,28 @@ def measure(name: str, lc_one: Callable[[], float] | None, be: BeRunner | None,
     return res
 
 
+def alone_interleaved(direct: Callable[[], float], lake: Callable[[], float],
+                      args: argparse.Namespace, block: int = 100) -> dict[str, Any]:
+    """LC alone, run directly and through the arbiter in alternating blocks of
+    ``block`` requests (``--requests`` each): the scheduler's own cost with
+    the machine's drift touching both alike.  Two windows of the same code,
+    one after the other, have read 10 % apart (kinfer, 2026-12-02), more
+    than the cost measured."""
+    lat: dict[str, list[float]] = {"direct": [], "lake": []}
+    gc.disable()
+    try:
+        for _ in range(max(1, args.requests // block)):
+            for k, fn in (("direct", direct), ("lake", lake)):
+                lat[k].extend(paced(fn, block, args.period_ms / 1e3))
+    finally:
+        gc.enable()
+    res: dict[str, Any] = {k: Window(v, 0, 0.0, 0.0, {}).lc() for k, v in lat.items()}
+    res["p50_ratio"] = res["lake"]["p50_ms"] / res["direct"]["p50_ms"]
+    res["p99_ratio"] = res["lake"]["p99_ms"] / res["direct"]["p99_ms"]
+    res["block"] = block
+    return res
+
+
 def pacer_stats(t: Any) -> dict[str, float]:
     """Where a BE tenant's issuing time went (cumulative seconds, atoms)."""
     p = t.pacer
@@ -558,6 +582,12 @@ def run_all(args: argparse.Namespace, arb: GpuArbiter, lcs: list[W.LcWork],
         r_alone = measure("lake-lc-alone", lake_lc(arb, tl, lc, trace), None, args, energy)
         if trace is not None:
             trace.report(r_alone, f"{lc.name} alone")
+        else:
+            r_alone["interleaved"] = il_cost = alone_interleaved(
+                direct_lc(lc, streams["hi"]), lake_lc(arb, tl, lc), args)
+            print(f"  {lc.name} alone, interleaved with direct in blocks of "
+                  f"{il_cost['block']}: x{il_cost['p50_ratio']:.3f}/x{il_cost['p99_ratio']:.3f} "
+                  f"(direct p50 {il_cost['direct']['p50_ms']:.3f} ms)", flush=True)
         arb.remove_tenant(tl)
         il = {"lc": r_iso["lc"], "lc_eager": r_eager["lc"], "be": iso["be"]}
         for r in (r_eager, r_iso, r_alone):
