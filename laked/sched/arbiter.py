@@ -160,6 +160,7 @@ class GpuArbiter(Arbiter):
         # polling issuer would take the GIL from LC's threads every wake)
         self._lc_ended = Wakeable(self._lock)
         self._leaves = 0
+        self.gates.on_scan = self._unstick_scan
         self._energy_stop = threading.Event()
         self.idle_energy_j = 0.0
         self.nvml: power.Nvml | None = None
@@ -532,7 +533,7 @@ class GpuArbiter(Arbiter):
             if self._leaves == leaves:
                 self._lc_ended.wait(timeout_s)
 
-    def _unstick(self, ts: tuple[GpuTenant, ...]) -> None:
+    def _unstick(self, ts: tuple[GpuTenant, ...], stacks: bool = False) -> None:
         """Open the gates of LC requests stuck behind a BE gate wait (plan.stuck).
         Such a request's work stays queued until its gate opens (gate.py); the
         watchdog would open it after gate_timeout_ms, while BE, which this
@@ -543,7 +544,13 @@ class GpuArbiter(Arbiter):
             if t.active and stuck(running, t.gpu_wait, self.knobs):
                 for s in t.gate_slots():
                     if self.gates.is_shut(s):
-                        self.gates.open_stuck(s, t.name, running)
+                        self.gates.open_stuck(s, t.name, running, stacks)
+
+    def _unstick_scan(self) -> None:
+        """The gate watchdog's scan (gate.py): a stuck LC request no BE issuer
+        can open, each being stuck in a launch itself, is found within
+        gate.SCAN_S; the log says where every thread was."""
+        self._unstick(self.lc_tenants(), stacks=True)
 
     def _park_on(self, ts: tuple[GpuTenant, ...], v: LcView) -> tuple[int, int, float] | None:
         """The wait for the LC request ``v`` expects next (None: its tenant

@@ -27,6 +27,11 @@ counted and logged, so a stall costs at most that long and never hangs.
 A BE issuer held for the request usually gets there first (``open_stuck``,
 GpuArbiter._unstick): it is awake every few milliseconds while LC runs and
 knows the tenant's usual time, so a stall costs milliseconds, not 500.
+Not when the issuer is itself stuck in a launch: on an H200 a stall held
+the LC thread in cudaGraphLaunch, its gate shut, and the training job's
+issuer in a cuBLAS launch, both in the driver until the watchdog's reopen
+at 500 ms.  So the watchdog's scan (every ``SCAN_S`` at most) also runs the
+arbiter's check (``on_scan``), and such a stall costs about 50 ms.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -48,6 +53,7 @@ log = logging.getLogger("laked.sched.gate")
 SLOTS = 256     # LC tenants' gates, one per raw stream of kernel/cu* tenants
 STACKS_LOGGED = 3   # forced opens that log every thread's stack (where the stall sat)
 EARLY_LOGGED = 10   # early opens logged one by one (then every 100th)
+SCAN_S = 0.05       # the watchdog scans at least this often (each wake takes the GIL)
 _DEVICEMAP = 0x02   # CU_MEMHOSTALLOC_DEVICEMAP
 _PORTABLE = 0x01    # CU_MEMHOSTALLOC_PORTABLE: every context may map it
 
@@ -120,6 +126,7 @@ class Gates:
         self.forced_opens = 0
         self.early_opens = 0            # opened by a BE issuer (open_stuck)
         self.stacks_left = STACKS_LOGGED    # forced opens still to log with stacks
+        self.on_scan: Callable[[], None] | None = None      # run at every watchdog scan
         self._eq = int(cu.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ)
         self._stop = threading.Event()
         self._wd = threading.Thread(target=self._watch, name="laked-gate-watchdog", daemon=True)
@@ -182,22 +189,32 @@ class Gates:
         GPU queue stands in front of."""
         self.flags[slot] = 0
 
-    def open_stuck(self, slot: int, who: str, running_s: float) -> None:
+    def open_stuck(self, slot: int, who: str, running_s: float, stacks: bool = False) -> None:
         """Open the gate of an LC request stuck behind a BE gate wait (what the
-        watchdog does, found sooner by a BE issuer held for the request)."""
+        watchdog does, found sooner by a BE issuer held for the request, or
+        by the watchdog's ``on_scan``: ``stacks`` logs where every thread was)."""
+        where = self._stacks() if stacks else ""
         self.open_now(slot)
         self.early_opens += 1
         n = self.early_opens
-        if n <= EARLY_LOGGED or n % 100 == 0:
+        if where or n <= EARLY_LOGGED or n % 100 == 0:
             log.warning("gate %d: %s's LC request still running after %.1f ms, "
-                        "far past its usual time: opened early (%d so far)", slot, who,
-                        running_s * 1e3, n)
+                        "far past its usual time: opened early (%d so far)%s", slot, who,
+                        running_s * 1e3, n, where)
+
+    def _stacks(self) -> str:
+        """Every thread's stack, for the first STACKS_LOGGED stalls."""
+        if self.stacks_left <= 0:
+            return ""
+        self.stacks_left -= 1
+        return "; laked's threads were at:\n" + thread_stacks()
 
     def _watch(self) -> None:
         """Reopen gates shut for longer than ``timeout_s`` (see the module
-        docstring).  It makes no driver call, so no stall can hold it up."""
+        docstring), and run ``on_scan``.  It makes no driver call, so no
+        stall can hold it up."""
         seen: dict[int, tuple[int, float]] = {}
-        while not self._stop.wait(self.timeout_s / 4):
+        while not self._stop.wait(min(self.timeout_s / 4, SCAN_S)):
             try:
                 late = overdue(self.flags, seen, time.monotonic(), self.timeout_s)
             except Exception:  # noqa: BLE001 - the watchdog must outlive any one scan
@@ -205,13 +222,16 @@ class Gates:
                 continue
             for s in late:
                 # taken while the stall lasts: the threads still sit where it holds them
-                stacks = thread_stacks() if self.stacks_left > 0 else ""
-                self.stacks_left -= bool(stacks)
+                where = self._stacks()
                 self.open_now(s)
                 self.forced_opens += 1
                 log.warning("gate %d shut for over %.0f ms by one LC request: reopened, "
-                            "BE work resumes%s", s, self.timeout_s * 1e3,
-                            stacks and "; laked's threads were at:\n" + stacks)
+                            "BE work resumes%s", s, self.timeout_s * 1e3, where)
+            if self.on_scan is not None:
+                try:
+                    self.on_scan()
+                except Exception:  # noqa: BLE001 - as above
+                    log.exception("gate watchdog: its check of LC requests failed")
 
     def close_all(self) -> None:
         self._stop.set()

@@ -348,6 +348,32 @@ def test_a_held_be_issuer_opens_a_stuck_lc_requests_gate(arb, caplog) -> None:  
         arb.remove_tenant(be)
 
 
+def test_the_watchdog_opens_a_stuck_requests_gate_when_no_be_issuer_can(arb, caplog) -> None:  # type: ignore[no-untyped-def]
+    """With no BE issuer awake to open it (in a stall seen on an H200 the
+    issuer was stuck in a launch itself), the watchdog's scan opens a stuck
+    LC request's gate by the same rule (unstick_ms, 8x its usual time),
+    within gate.SCAN_S of it, not gate_timeout_ms; it logs every thread's
+    stack."""
+    from laked.sched.gate import SCAN_S
+    lc, one_lc = _lc_gemm(arb, "t-stuck-alone")
+    flag = arb.gates.slot()
+    g = arb.gates
+    try:
+        _lc_requests(arb, lc, one_lc, 50)           # the tenant's usual wait for the GPU
+        early, forced = g.early_opens, g.forced_opens
+        g.stacks_left = 1
+        wait_s = arb.knobs.unstick_ms / 1e3 + 2 * SCAN_S + 0.02
+        assert wait_s < arb.knobs.gate_timeout_ms / 1e3 / 2
+        with caplog.at_level("WARNING", logger="laked.sched.gate"):
+            assert _gated_work_passed(arb, flag, lc, one_lc, wait_s)
+        assert g.early_opens == early + 1 and g.forced_opens == forced
+        assert "t-stuck-alone's LC request still running" in caplog.text
+        assert "laked's threads were at" in caplog.text and "_request" in caplog.text
+    finally:
+        g.release(flag)
+        arb.remove_tenant(lc)
+
+
 def test_watchdog_breaks_a_circular_wait_between_gates(arb) -> None:  # type: ignore[no-untyped-def]
     """Two streams each queue their gate's open behind a wait on the other's
     gate (what a shared hardware queue makes of an LC request queued behind
