@@ -31,7 +31,10 @@ Not when the issuer is itself stuck in a launch: on an H200 a stall held
 the LC thread in cudaGraphLaunch, its gate shut, and the training job's
 issuer in a cuBLAS launch, both in the driver until the watchdog's reopen
 at 500 ms.  So the watchdog's scan (every ``SCAN_S`` at most) also runs the
-arbiter's check (``on_scan``), and such a stall costs about 50 ms.
+arbiter's check (``on_scan``), and such a stall costs about 50 ms.  The
+same happened to a kernel INFER batch (laked's server thread in its copy
+back, the work queued behind a BE stream's gate wait), which the check
+now knows by its batches' usual time.
 """
 from __future__ import annotations
 

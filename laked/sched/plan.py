@@ -128,8 +128,9 @@ def next_due(due: float, now: float, gap: float) -> float:
 def stuck(running_s: float, gpu_wait_s: float, k: Knobs) -> bool:
     """An LC request that has run ``running_s`` is stuck behind a BE gate wait
     (gate.py): past ``unstick_ms`` and UNSTICK_X times its tenant's usual wait
-    for the GPU.  Never for a tenant with no measured wait yet (its first
-    requests, kernel tenants' batches) nor with the knob at 0."""
+    for the GPU (a kernel tenant's: its INFER batches' time).  Never for a
+    tenant with no measured wait yet (its first requests, a kernel tenant
+    that only launched) nor with the knob at 0."""
     if not k.unstick_ms or gpu_wait_s <= 0:
         return False
     return running_s > max(k.unstick_ms / 1e3, UNSTICK_X * gpu_wait_s)

@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 from ..tenants import LC
 from .base import Tenancy, TenantState
 from .gate import GateError
+from .hostfirst import next_wait
 from .partition import check
 
 if TYPE_CHECKING:
@@ -204,6 +205,10 @@ class GpuTenancy(Tenancy):
         t = self.gt
         if dt is not None:
             t.record(dt, items)
+            # its usual time, by which a stalled batch is told (plan.stuck): a
+            # batch's work stuck behind a BE gate wait was held 500 ms, to the
+            # watchdog's timeout, while the arbiter's check knew no usual time
+            t.gpu_wait = next_wait(t.gpu_wait, dt)
         arb = self.arb
         for _ in range(leaves):
             arb._leave(t)       # noqa: SLF001 - the arbiter's own tenant

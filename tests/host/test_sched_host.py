@@ -554,9 +554,14 @@ def test_an_infer_batch_leaves_once_it_is_done_not_once_it_is_queued() -> None:
     assert gates.calls == [("close_now", slot, -1), ("mark", 8, 0x10), ("mark", 9, 0x10),
                            ("open_now", slot, -1)]
     # its time and its leaves wait for settle (the executor's posted())
-    assert arb.active == 2 and t.requests == 0
+    assert arb.active == 2 and t.requests == 0 and t.gpu_wait == 0
     ten.settle()
     assert arb.active == 0 and t.requests == 1 and t.latencies[-1] > 0
+    # ... which makes the batch's time the tenant's usual one, by which the
+    # arbiter tells a stalled batch (plan.stuck)
+    from laked.sched.plan import stuck
+    assert t.gpu_wait == t.latencies[-1]
+    assert stuck(max(arb.knobs.unstick_ms / 1e3, 8 * t.gpu_wait) + 1e-3, t.gpu_wait, arb.knobs)
     ten.settle()                                 # settles once
     assert arb.active == 0 and t.requests == 1
     gates.calls.clear()
