@@ -34,11 +34,10 @@ through torch, so the arbiter cannot atomize that work; it can gate it:
   (``host_first_us``, hostfirst.py): the batch is nearly all host time
   (copies, launches, driver calls that each hand the GIL over).  Entering
   and leaving a batch is one flat object (``_Batch``), since it runs on
-  every kernel request.  Its other bookkeeping stays off the kernel's
-  path: the arrival is counted while the GPU runs the batch's layers, its
-  time and its leave (which wakes BE's issuers; their queued atoms went at
-  the gate's open) once its completion is posted (``settle``, from the
-  executor's ``posted``).
+  every kernel request.  Its time and its leave (which wakes BE's
+  issuers; their queued atoms went at the gate's open) wait until its
+  completion is posted (``settle``, from the executor's ``posted``): off
+  the kernel's path.
 - **BE tenant** (a user client that asked for BE): every launch first waits
   on the GPU for all LC gates.  Its kernels run whole: laked cannot cut a
   cubin it did not compile into block ranges.
@@ -171,9 +170,11 @@ class GpuTenancy(Tenancy):
             self.arb._leave(self.gt)                # noqa: SLF001
 
     def _batch_launched(self, stream: Any, n: int) -> None:
-        """A launch of an INFER batch is queued: its arrival is counted now,
-        while the GPU runs it (before the launch, its Python was ~10 us on
-        the batch's path), and its leave once the batch is settled."""
+        """A launch of an INFER batch is queued: its arrival is counted (from
+        the batch's start), its leave once the batch is settled.  Counted
+        here or before the launch, it costs the batch the same: the layers'
+        kernels end before the next launch, so no GPU time hides it
+        (kinfer_split, stop 32)."""
         arb = self.arb
         try:
             arb._mark(self.gt, stream, n)           # noqa: SLF001
