@@ -548,8 +548,9 @@ class GpuArbiter(Arbiter):
 
     def _unstick_scan(self) -> None:
         """The gate watchdog's scan (gate.py): a stuck LC request no BE issuer
-        can open, each being stuck in a launch itself, is found within
-        gate.SCAN_S; the log says where every thread was."""
+        can open, each being stuck in a launch itself, is found within a
+        scan's interval (gate_timeout_ms / 4); the log says where every
+        thread was."""
         self._unstick(self.lc_tenants(), stacks=True)
 
     def _park_on(self, ts: tuple[GpuTenant, ...], v: LcView) -> tuple[int, int, float] | None:

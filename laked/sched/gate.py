@@ -30,8 +30,11 @@ knows the tenant's usual time, so a stall costs milliseconds, not 500.
 Not when the issuer is itself stuck in a launch: on an H200 a stall held
 the LC thread in cudaGraphLaunch, its gate shut, and the training job's
 issuer in a cuBLAS launch, both in the driver until the watchdog's reopen
-at 500 ms.  So the watchdog's scan (every ``SCAN_S`` at most) also runs the
-arbiter's check (``on_scan``), and such a stall costs about 50 ms.  The
+at 500 ms.  So each of the watchdog's scans (every ``timeout_s``/4) also
+runs the arbiter's check (``on_scan``), and such a stall costs at most a
+scan's interval past unstick_ms, ~130 ms by default.  (Scanning every 50
+ms instead, the one table run on it met 6 of 12 pairs against 12 and 11
+on the tree before; a scan's wake takes the GIL, perhaps from LC.)  The
 same happened to a kernel INFER batch (laked's server thread in its copy
 back, the work queued behind a BE stream's gate wait), which the check
 now knows by its batches' usual time.
@@ -56,7 +59,6 @@ log = logging.getLogger("laked.sched.gate")
 SLOTS = 256     # LC tenants' gates, one per raw stream of kernel/cu* tenants
 STACKS_LOGGED = 3   # forced opens that log every thread's stack (where the stall sat)
 EARLY_LOGGED = 10   # early opens logged one by one (then every 100th)
-SCAN_S = 0.05       # the watchdog scans at least this often (each wake takes the GIL)
 _DEVICEMAP = 0x02   # CU_MEMHOSTALLOC_DEVICEMAP
 _PORTABLE = 0x01    # CU_MEMHOSTALLOC_PORTABLE: every context may map it
 
@@ -217,7 +219,7 @@ class Gates:
         docstring), and run ``on_scan``.  It makes no driver call, so no
         stall can hold it up."""
         seen: dict[int, tuple[int, float]] = {}
-        while not self._stop.wait(min(self.timeout_s / 4, SCAN_S)):
+        while not self._stop.wait(self.timeout_s / 4):
             try:
                 late = overdue(self.flags, seen, time.monotonic(), self.timeout_s)
             except Exception:  # noqa: BLE001 - the watchdog must outlive any one scan

@@ -352,9 +352,8 @@ def test_the_watchdog_opens_a_stuck_requests_gate_when_no_be_issuer_can(arb, cap
     """With no BE issuer awake to open it (in a stall seen on an H200 the
     issuer was stuck in a launch itself), the watchdog's scan opens a stuck
     LC request's gate by the same rule (unstick_ms, 8x its usual time),
-    within gate.SCAN_S of it, not gate_timeout_ms; it logs every thread's
-    stack."""
-    from laked.sched.gate import SCAN_S
+    within a scan's interval (gate_timeout_ms / 4), not gate_timeout_ms;
+    it logs every thread's stack."""
     lc, one_lc = _lc_gemm(arb, "t-stuck-alone")
     flag = arb.gates.slot()
     g = arb.gates
@@ -362,8 +361,9 @@ def test_the_watchdog_opens_a_stuck_requests_gate_when_no_be_issuer_can(arb, cap
         _lc_requests(arb, lc, one_lc, 50)           # the tenant's usual wait for the GPU
         early, forced = g.early_opens, g.forced_opens
         g.stacks_left = 1
-        wait_s = arb.knobs.unstick_ms / 1e3 + 2 * SCAN_S + 0.02
-        assert wait_s < arb.knobs.gate_timeout_ms / 1e3 / 2
+        scan_s = g.timeout_s / 4
+        wait_s = arb.knobs.unstick_ms / 1e3 + 1.5 * scan_s + 0.02
+        assert wait_s < 2 * g.timeout_s / 3
         with caplog.at_level("WARNING", logger="laked.sched.gate"):
             assert _gated_work_passed(arb, flag, lc, one_lc, wait_s)
         assert g.early_opens == early + 1 and g.forced_opens == forced
