@@ -658,6 +658,15 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
+        (rep_now, "sched_gpu_f477b29.json",
+         "Stop 32: the whole table again, 61685c3's scheduler (f477b29), other processes"),
+        (rep_now, "sched_gpu_ab90327.json",
+         "Stop 32: the whole table with the watchdog scanning every 50 ms (ab90327, "
+         "not kept)"),
+        (split_section, "kinfer_split_s32.json",
+         "Stop 32: kernel INFER step by step, stop 31's tree against the bookkeeping off the "
+         "kernel's path"),
+        (rep_now, "sched_gpu_52a27fe.json", "Stop 31's main table (52a27fe): its lake rows"),
         (variants_section, "inline_backward_ab.json",
          "Stop 31: a BE job's backward on its own thread (`inline_backward`), interleaved "
          "A/B beside gemm, conv and kinfer LC (adopted)"),
