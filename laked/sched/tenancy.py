@@ -63,7 +63,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..tenants import LC
 from .base import Tenancy, TenantState
 from .gate import GateError
 from .hostfirst import next_wait
@@ -88,7 +87,7 @@ class GpuTenancy(Tenancy):
         # no right-sizing (its predictor would see one size only)
         self.gt.allow_partition = False
         self.gt.model = None
-        self.lc = tenant.spec.cls == LC  # fixed for a tenant's life; read on every launch
+        self.lc = self.gt.is_lc         # fixed for a tenant's life; read on every launch
         self.broken = ""                # why launches now go ungated
         self._retiring: list[tuple[int, Any]] = []     # (stream_slots key, event)
         # in an INFER batch: the gates it shut (opened as it ends), its start
@@ -96,8 +95,8 @@ class GpuTenancy(Tenancy):
         self._opens: list[int] | None = None
         self._t0 = 0.0
         self._leaves_due = 0
-        # an ended batch's bookkeeping, for settle(): (seconds, -1.0 failed or
-        # None, items, leaves); None: nothing owed
+        # an ended batch's bookkeeping, for settle(): (its seconds, None if it
+        # failed; its items; its leaves), None when nothing is owed
         self._due: tuple[float | None, int, int] | None = None
 
     @property
