@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import statistics
@@ -159,13 +158,7 @@ class Probe:
 
     def rounds(self, modes: list[str], n: int, block: int) -> None:
         """``n`` rounds of a block per mode, interleaved, GC paused."""
-        gc.disable()
-        try:
-            for _ in range(n):
-                for m in modes:
-                    self.block(m, block)
-        finally:
-            gc.enable()
+        S.interleaved(self.block, modes, n, block)
 
     def summary(self, base: str) -> dict[str, Any]:
         res: dict[str, Any] = {}

@@ -334,6 +334,26 @@ class Hogs:
         self.procs = []
 
 
+def lc_stats(lat: list[float]) -> dict[str, float]:
+    """Latencies (s) as their count, p50, p99 and max in ms."""
+    s = sorted(lat)
+    return {"n": len(s), "p50_ms": statistics.median(s) * 1e3,
+            "p99_ms": pctl(s, 0.99) * 1e3, "max_ms": s[-1] * 1e3}
+
+
+def interleaved(run_block: Callable[[str, int], None], modes: list[str], rounds: int,
+                block: int) -> None:
+    """``rounds`` rounds of ``run_block(mode, block)`` for each mode in turn, GC
+    paused: modes compared this way meet the same machine state."""
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for m in modes:
+                run_block(m, block)
+    finally:
+        gc.enable()
+
+
 @dataclass
 class Window:
     """One measured window: LC latencies (s), BE steps, seconds, energy (mJ), host."""
@@ -345,9 +365,7 @@ class Window:
 
     def lc(self) -> dict[str, float]:
         """LC's latency over the window, in ms."""
-        s = sorted(self.lat)
-        return {"n": len(s), "p50_ms": statistics.median(s) * 1e3,
-                "p99_ms": pctl(s, 0.99) * 1e3, "max_ms": s[-1] * 1e3}
+        return lc_stats(self.lat)
 
     def summary(self) -> dict[str, Any]:
         """What a window set aside for steal keeps in the JSON."""
@@ -427,15 +445,13 @@ def alone_interleaved(direct: Callable[[], float], lake: Callable[[], float],
     the machine's drift touching both alike.  Two windows of the same code,
     one after the other, have read 10 % apart (kinfer, 2026-12-02), more
     than the cost measured."""
-    lat: dict[str, list[float]] = {"direct": [], "lake": []}
-    gc.disable()
-    try:
-        for _ in range(max(1, args.requests // block)):
-            for k, fn in (("direct", direct), ("lake", lake)):
-                lat[k].extend(paced(fn, block, args.period_ms / 1e3))
-    finally:
-        gc.enable()
-    res: dict[str, Any] = {k: Window(v, 0, 0.0, 0.0, {}).lc() for k, v in lat.items()}
+    fns = {"direct": direct, "lake": lake}
+    lat: dict[str, list[float]] = {k: [] for k in fns}
+
+    def run_block(k: str, n: int) -> None:
+        lat[k].extend(paced(fns[k], n, args.period_ms / 1e3))
+    interleaved(run_block, list(fns), max(1, args.requests // block), block)
+    res: dict[str, Any] = {k: lc_stats(v) for k, v in lat.items()}
     res["p50_ratio"] = res["lake"]["p50_ms"] / res["direct"]["p50_ms"]
     res["p99_ratio"] = res["lake"]["p99_ms"] / res["direct"]["p99_ms"]
     res["block"] = block
