@@ -109,6 +109,7 @@ class GpuTenant(TenantState):
     pass_slot: int = -1                   # LC: its request counter (park.py); -2: none left
     pass_n: int = 0                       # ... the number of its last request
     gpu_wait: float = 0.0                 # LC: average wait from its work queued to done
+    opened_early: int = 0                 # LC: its gates opened early (plan.stuck)
 
     def gate_slots(self) -> list[int]:
         """Every gate BE must wait for on this LC tenant's behalf."""
@@ -144,6 +145,7 @@ class GpuArbiter(Arbiter):
         self.gates = Gates(self.knobs.gate_timeout_ms / 1e3)
         self.parks = Parks()
         self._lc: tuple[GpuTenant, ...] | None = None   # lc_tenants(), until tenants change
+        self.be_tenants = 0                       # BE tenants now (_tenants_changed)
         self.lc_seq = 0                           # bumped by every LC request start
         self.lc_active = 0
         self.last_lc = 0.0                        # host time the last LC request ended
@@ -257,6 +259,10 @@ class GpuArbiter(Arbiter):
             # BE jobs' threads, which pause for LC's host paths (none: no hold)
             self.host_first.users = sum(isinstance(t, GpuTenant) and t.pacer is not None
                                         for t in self.tenants.values())
+            # BE tenants of any kind, whose work LC's gates hold back (none:
+            # raw LC work goes ungated, tenancy.py)
+            self.be_tenants = sum(isinstance(t, GpuTenant) and not t.is_lc
+                                  for t in self.tenants.values())
 
     def lc_tenants(self) -> tuple[GpuTenant, ...]:
         """The LC tenants (every BE plan asks: kept until a tenant comes or goes)."""
@@ -289,6 +295,14 @@ class GpuArbiter(Arbiter):
 
     # -- LC ---------------------------------------------------------------------------
     def _arrive(self, t: GpuTenant, now: float) -> None:
+        self._predict(t, now)
+        t.active += 1
+        with self._lock:
+            self.lc_active += 1
+            self.lc_seq += 1
+
+    def _predict(self, t: GpuTenant, now: float) -> None:
+        """Feed ``t``'s arrival at ``now`` to the predictor that sizes BE atoms."""
         if self.arrive_log is not None:
             self.arrive_log.append((now, t.due))
         if t.last_start:
@@ -296,10 +310,6 @@ class GpuArbiter(Arbiter):
             t.gap = gap if not t.gap else 0.8 * t.gap + 0.2 * gap
             t.due = next_due(t.due, now, t.gap)
         t.last_start = now
-        t.active += 1
-        with self._lock:
-            self.lc_active += 1
-            self.lc_seq += 1
 
     def _leave(self, t: GpuTenant) -> None:
         t.active -= 1
@@ -544,7 +554,8 @@ class GpuArbiter(Arbiter):
             if t.active and stuck(running, t.gpu_wait, self.knobs):
                 for s in t.gate_slots():
                     if self.gates.is_shut(s):
-                        self.gates.open_stuck(s, t.name, running, stacks)
+                        t.opened_early += 1
+                        self.gates.open_stuck(s, t.name, running, t.opened_early, stacks)
 
     def _unstick_scan(self) -> None:
         """The gate watchdog's scan (gate.py): a stuck LC request no BE issuer
@@ -719,10 +730,12 @@ class GpuArbiter(Arbiter):
 
     def status(self) -> dict[str, Any]:
         out = super().status()
-        parts = {t.name: t.partition.name if isinstance(t, GpuTenant) and t.partition
-                 else "full" for t in list(self.tenants.values())}
+        ts = {t.name: t for t in list(self.tenants.values()) if isinstance(t, GpuTenant)}
         for s in out["tenants"]:
-            s["partition"] = parts.get(s["name"], "full")
+            t = ts.get(s["name"])
+            s["partition"] = t.partition.name if t is not None and t.partition else "full"
+            if t is not None and t.is_lc:
+                s["gates_opened_early"] = t.opened_early
         out.update({
             "total_sms": self.parts.total_sms, "unit_sms": self.parts.unit,
             "knobs": vars(self.knobs), "lc_active": self.lc_active,

@@ -58,7 +58,7 @@ log = logging.getLogger("laked.sched.gate")
 
 SLOTS = 256     # LC tenants' gates, one per raw stream of kernel/cu* tenants
 STACKS_LOGGED = 3   # forced opens that log every thread's stack (where the stall sat)
-EARLY_LOGGED = 10   # early opens logged one by one (then every 100th)
+EARLY_LOGGED = 10   # early opens logged one by one per tenant (then every 100th)
 _DEVICEMAP = 0x02   # CU_MEMHOSTALLOC_DEVICEMAP
 _PORTABLE = 0x01    # CU_MEMHOSTALLOC_PORTABLE: every context may map it
 
@@ -194,18 +194,22 @@ class Gates:
         GPU queue stands in front of."""
         self.flags[slot] = 0
 
-    def open_stuck(self, slot: int, who: str, running_s: float, stacks: bool = False) -> None:
+    def open_stuck(self, slot: int, who: str, running_s: float, nth: int,
+                   stacks: bool = False) -> None:
         """Open the gate of an LC request stuck behind a BE gate wait (what the
         watchdog does, found sooner by a BE issuer held for the request, or
-        by the watchdog's ``on_scan``: ``stacks`` logs where every thread was)."""
+        by the watchdog's ``on_scan``: ``stacks`` logs where every thread was).
+        ``nth``: the tenant's early opens, this one included.  The log's
+        allowance is per tenant, so one tenant's stalls do not hide the first
+        of a tenant that came later."""
         where = self._stacks() if stacks else ""
         self.open_now(slot)
         self.early_opens += 1
         n = self.early_opens
-        if where or n <= EARLY_LOGGED or n % 100 == 0:
+        if where or nth <= EARLY_LOGGED or n % 100 == 0:
             log.warning("gate %d: %s's LC request still running after %.1f ms, "
-                        "far past its usual time: opened early (%d so far)%s", slot, who,
-                        running_s * 1e3, n, where)
+                        "far past its usual time: opened early (%d for it, %d in all)%s",
+                        slot, who, running_s * 1e3, nth, n, where)
 
     def _stacks(self) -> str:
         """Every thread's stack, for the first STACKS_LOGGED stalls."""

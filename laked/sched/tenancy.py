@@ -38,6 +38,12 @@ through torch, so the arbiter cannot atomize that work; it can gate it:
   issuers; their queued atoms went at the gate's open) wait until its
   completion is posted (``settle``, from the executor's ``posted``): off
   the kernel's path.
+- **No BE tenant**: an LC tenant's launches and batches go bare, with no
+  gate, no hold and no arrival counted (nothing waits on them), only the
+  arrival predictor fed, so BE's first atoms are sized from it.  A batch
+  keeps the mode it began in.  A BE tenant's first atoms may then meet a
+  kernel batch already running ungated: one batch, once.  The scheduler's
+  cost to a kernel alone on the GPU is then a few attribute reads.
 - **BE tenant** (a user client that asked for BE): every launch first waits
   on the GPU for all LC gates.  Its kernels run whole: laked cannot cut a
   cubin it did not compile into block ranges.
@@ -74,6 +80,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("laked.sched")
 
 NOTHING = None      # before_launch's token when there is no gate to open
+BARE: list[int] = []    # an INFER batch's opens when no BE tenant was there at its start
 _retired_keys = itertools.count(-1, -1)     # stream_slots keys of destroyed streams
 
 
@@ -96,8 +103,9 @@ class GpuTenancy(Tenancy):
         self._t0 = 0.0
         self._leaves_due = 0
         # an ended batch's bookkeeping, for settle(): (its seconds, None if it
-        # failed; its items; its leaves), None when nothing is owed
-        self._due: tuple[float | None, int, int] | None = None
+        # failed; its items; its leaves, -1 for a bare batch; its start),
+        # None when nothing is owed
+        self._due: tuple[float | None, int, int, float] | None = None
 
     @property
     def nonblocking_streams(self) -> bool:     # type: ignore[override]
@@ -128,6 +136,13 @@ class GpuTenancy(Tenancy):
             return NOTHING
         if self._retiring:
             self._reap()
+        opens = self._opens
+        if opens is None:
+            if self.lc and not self.arb.be_tenants:     # nothing to hold back
+                self.arb._predict(t, time.perf_counter())  # noqa: SLF001
+                return NOTHING
+        elif opens is BARE:             # a batch keeps the mode it began in
+            return NOTHING
         try:
             if not self.lc:
                 if int(stream) != 0:    # not the legacy stream: see the module docstring
@@ -135,7 +150,6 @@ class GpuTenancy(Tenancy):
                     t.atoms += 1
                 return NOTHING
             slot = self._slot(stream)
-            opens = self._opens
             if opens is None:
                 self.gates.close(slot, stream)
             elif slot not in opens:
@@ -201,7 +215,7 @@ class GpuTenancy(Tenancy):
         due, self._due = self._due, None
         if due is None:
             return
-        dt, items, leaves = due
+        dt, items, leaves, t0 = due
         t = self.gt
         if dt is not None:
             t.record(dt, items)
@@ -210,6 +224,8 @@ class GpuTenancy(Tenancy):
             # watchdog's timeout, while the arbiter's check knew no usual time
             t.gpu_wait = next_wait(t.gpu_wait, dt)
         arb = self.arb
+        if leaves < 0:          # a bare batch: its arrival was not counted
+            arb._predict(t, t0)         # noqa: SLF001 - the arbiter's own tenant
         for _ in range(leaves):
             arb._leave(t)       # noqa: SLF001 - the arbiter's own tenant
 
@@ -292,11 +308,15 @@ class _Batch:
             raise RuntimeError(f"{ten.gt.name}: an INFER batch began inside another")
         if ten._due is not None:
             ten.settle()            # the last batch's: no completion was posted since
-        ten._opens, ten._leaves_due = [], 0
-        lead = ten.arb.knobs.host_first_us
-        if lead and ten.lc:             # the whole batch is host path (module docstring)
-            self.key = threading.get_ident()
-            ten.arb.host_first.hold(self.key, lead / 1e6)
+        ten._leaves_due = 0
+        if ten.lc and not ten.arb.be_tenants:
+            ten._opens = BARE           # nothing to hold back: no gate, no hold
+        else:
+            ten._opens = []
+            lead = ten.arb.knobs.host_first_us
+            if lead and ten.lc:         # the whole batch is host path (module docstring)
+                self.key = threading.get_ident()
+                ten.arb.host_first.hold(self.key, lead / 1e6)
         ten._t0 = time.perf_counter()
 
     def __exit__(self, typ: Any, exc: Any, tb: Any) -> None:
@@ -307,10 +327,13 @@ class _Batch:
             dt = None
             if issubclass(typ, Exception):
                 ten.gt.errors += 1
-        opens, ten._opens = ten._opens or [], None
-        for slot in opens:
+        opens, ten._opens = ten._opens, None
+        if opens is BARE:
+            ten._due = (dt, self.items, -1, ten._t0)    # settle feeds the predictor
+            return
+        for slot in opens or ():
             ten.gates.open_now(slot)
         if self.key:
             ten.arb.host_first.release(self.key)
-        ten._due = (dt, self.items, ten._leaves_due)
+        ten._due = (dt, self.items, ten._leaves_due, ten._t0)
         ten._leaves_due = 0

@@ -9,9 +9,12 @@ mode, so every mode meets the same machine state:
 
   direct     the executor bound to no tenant (sched_gpu's isolated run)
   lake       bound to an arbiter LC tenant, as laked binds the kernel's
-  nogate     lake, its gate's close and open (host stores) left out
-  nohold     lake with host_first_us=0 (no HostFirst hold around the batch)
-  nobook     lake, the arbiter's _arrive/_leave bookkeeping left out
+             (with no BE tenant, as here without --be, its batches go bare:
+             no gate, no hold, no arrival counted; tenancy.py)
+  gated      lake with an idle BE tenant registered: the gated path
+  nogate     gated, its gate's close and open (host stores) left out
+  nohold     gated with host_first_us=0 (no HostFirst hold around the batch)
+  nobook     gated, the arbiter's _arrive/_leave bookkeeping left out
   direct-sw5, lake-sw5  the GIL switch interval at Python's 5 ms, not laked's
 
 Leaving parts out is for attribution only (laked never runs that way).
@@ -60,7 +63,8 @@ from laked.sched.arbiter import GpuArbiter  # noqa: E402
 from laked.sched.base import Tenancy  # noqa: E402
 from laked.tenants import TenantSpec  # noqa: E402
 
-MODES = ("direct", "lake", "nogate", "nohold", "nobook", "direct-sw5", "lake-sw5")
+MODES = ("direct", "lake", "gated", "nogate", "nohold", "nobook", "direct-sw5", "lake-sw5")
+GATED = ("gated", "nogate", "nohold", "nobook")     # modes run beside an idle BE tenant
 PARTS = ("wake", "enter", "copy_in", "gate", "launch", "open", "out_sync", "exit", "post")
 # the stamps that end each part, after the kernel's submit ("t0")
 ENDS = ("op0", "mlp0", "bl0", "bl1", "al0", "al1", "mlp1", "op1", "t1")
@@ -105,7 +109,7 @@ class Probe:
         self.arb, self.kin, self.period = arb, kin, period_s
         self.t = arb.add_tenant(TenantSpec("kernel", "LC", 0, kind="kernel"))
         self.ten: dict[str, Any] = {"direct": Tenancy()}
-        for m in ("lake", "nogate", "nohold", "nobook"):
+        for m in ("lake", *GATED):
             self.ten[m] = arb.tenancy(self.t)
         self.ten["nogate"].gates = _NoGates(arb.gates)
         self.box: dict[str, float] = {}
@@ -131,9 +135,14 @@ class Probe:
         if m == "nobook":
             arb._arrive = lambda t, now: None       # noqa: SLF001 - attribution only
             arb._leave = lambda t: None             # noqa: SLF001
+        idle = None
+        if m in GATED and not arb.be_tenants:
+            idle = arb.add_tenant(TenantSpec("idle-be", "BE", 0, kind="job"))
         try:
             yield
         finally:
+            if idle is not None:
+                arb.remove_tenant(idle)
             sys.setswitchinterval(sw)
             arb.knobs.host_first_us = lead
             arb.__dict__.pop("_arrive", None)

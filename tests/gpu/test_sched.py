@@ -336,8 +336,12 @@ def test_a_held_be_issuer_opens_a_stuck_lc_requests_gate(arb, caplog) -> None:  
             items = be.items
             time.sleep(0.05)
             assert be.items > items             # BE goes on once the request ends
-        assert g.early_opens == early + 1
+        assert g.early_opens == early + 1 and lc.opened_early == 1
+        # the log's allowance is the tenant's: earlier tests' stalls leave it whole
         assert "t-stuck-lc's LC request still running" in caplog.text
+        assert "(1 for it," in caplog.text
+        st = {s["name"]: s for s in arb.status()["tenants"]}
+        assert st["t-stuck-lc"]["gates_opened_early"] == 1
         assert g.forced_opens == forced             # the watchdog had nothing to do
         torch.cuda.synchronize()
         torch.testing.assert_close(out.float(), (a @ b).float(), rtol=1e-2, atol=2.0)
@@ -577,9 +581,12 @@ def test_infer_lets_be_go_only_once_its_result_is_back(arb, kernel_side) -> None
     """An INFER batch's LC request ends (waking BE issuers held for it) once
     its output is on the host, not once its launches are queued: the batch
     is recorded and its output written by the time it leaves (which waits
-    for its completion to be posted: Tenancy.settle)."""
+    for its completion to be posted: Tenancy.settle).  With a BE tenant
+    there: with none, the batch goes bare (no gate, no leave)."""
     from laked import mlp
+    from laked.tenants import TenantSpec
     k, s, _spin, t = kernel_side
+    be = arb.add_tenant(TenantSpec("t-be-infer", "BE", 0, kind="job"))
     model = mlp.quantize(*mlp.linnos_like(5))
     blob = model.blob()
     boff = s.host_copy(blob)
@@ -600,6 +607,7 @@ def test_infer_lets_be_go_only_once_its_result_is_back(arb, kernel_side) -> None
         _until(lambda: bool(seen))
     finally:
         del arb._leave
+        arb.remove_tenant(be)
     assert len(seen) == 1, len(seen)
     mine, requests, active, out = seen[0]
     assert mine and requests == req0 + 1 and active == 1

@@ -467,6 +467,8 @@ class _Arb:
         self.knobs = Knobs(park_raw=True)
         self.host_first = HostFirst()
         self.host_first.users = 1       # a BE job's thread may pause
+        self.be_tenants = 1             # ... so LC's work is gated
+        self.predicted: list[float] = []
         self._next_request = types.MethodType(GpuArbiter._next_request, self)
         self._mark = types.MethodType(GpuArbiter._mark, self)
         self.parks = _RecordingParks(gates.calls, counters)
@@ -484,6 +486,9 @@ class _Arb:
 
     def _leave(self, t) -> None:  # type: ignore[no-untyped-def]
         self.active -= 1
+
+    def _predict(self, t, now: float) -> None:  # type: ignore[no-untyped-def]
+        self.predicted.append(now)
 
 
 def _tenant(cls: str, slot: int):  # type: ignore[no-untyped-def]
@@ -645,6 +650,40 @@ def test_an_lc_infer_batch_holds_be_python_until_it_is_done() -> None:
     arb.knobs.host_first_us = 0.0
     with lc.request(8):
         assert arb.host_first.after == INF
+
+
+def test_lc_work_goes_bare_while_no_be_tenant_is_there() -> None:
+    """With no BE tenant, LC's raw launches and INFER batches shut no gate,
+    hold no BE Python and count no arrival (nothing waits on them); the
+    predictor still sees each arrival, so BE's atoms are sized from the
+    first, and a batch keeps the mode it began in."""
+    from laked.sched.hostfirst import INF
+    from laked.sched.tenancy import GpuTenancy
+    gates = _RecordingGates()
+    arb = _Arb(gates)
+    arb.be_tenants = 0
+    t = _tenant("LC", gates.slot())
+    ten = GpuTenancy(arb, t)                     # type: ignore[arg-type]
+    ten.after_launch(0x10, ten.before_launch(0x10))
+    assert len(arb.predicted) == 1 and (arb.arrivals, arb.active) == (0, 0)
+    with ten.request(64):
+        assert arb.host_first.after == INF       # no BE Python to hold
+        arb.be_tenants = 1                       # a BE tenant comes mid-batch
+        ten.after_launch(0x10, ten.before_launch(0x10))
+    assert gates.calls == [] and not t.stream_slots and t.launches == 2
+    assert len(arb.predicted) == 1 and t.requests == 0     # the batch's wait for settle
+    ten.settle()
+    assert arb.predicted[-1] == ten._t0 and t.requests == 1 and t.gpu_wait > 0
+    assert (arb.arrivals, arb.active) == (0, 0)
+    with ten.request(8):                         # the next batch is gated
+        arb.be_tenants = 0                       # ... to its end, though BE left
+        ten.after_launch(0x10, ten.before_launch(0x10))
+        assert arb.host_first.after <= time.perf_counter()
+    slot = t.stream_slots[0x10]
+    assert [c[0] for c in gates.calls] == ["close_now", "mark", "open_now"]
+    assert gates.calls[0][1] == slot
+    ten.settle()
+    assert (arb.arrivals, arb.active, len(arb.predicted)) == (1, 0, 2)
 
 
 def test_tenancy_goes_ungated_when_a_gate_fails(caplog: pytest.LogCaptureFixture) -> None:
