@@ -15,7 +15,7 @@ AT_START = frozenset({"gil_switch_us", "gate_timeout_ms", "reserve_mb"})
 @dataclass
 class Knobs:
     """Scheduler knobs; laked.toml's [scheduler] table sets them by name."""
-    atom_us: float = 400.0          # BE atom while LC tenants are active (LithOS: 250-500)
+    atom_us: float = 500.0          # BE atom while LC tenants are active (LithOS: 250-500)
     light_atom_us: float = 300.0    # ... of an issuer at or under park_one (0: atom_us; at most it)
     idle_atom_us: float = 2000.0    # BE atom when no LC request came for quiet_s
     min_atom_us: float = 30.0       # a smaller atom is not worth it: park (or hold) instead

@@ -651,6 +651,7 @@ def main() -> int:
     rep_s27 = against(load("sched_gpu_dc77b5d.json"))
     rep_s28 = against(load("sched_gpu_7d802b1.json"))
     rep_s30 = against(load("sched_gpu_b8fb4cf.json"))
+    rep_s32 = against(load("sched_gpu_61685c3.json"))
     branch = against(load("sched_gpu_previous.json"))
 
     def untitled(section: Callable[[Any], list[str]]) -> Callable[[Any, str], list[str]]:
@@ -658,9 +659,17 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
-        (rep_now, "sched_gpu_f477b29.json",
+        (variants_section, "atom500_ab.json",
+         "Stop 33: a heavy issuer's atoms of 500 us (`atom_us` 500), interleaved A/B beside "
+         "training and the GEMM loop (adopted)"),
+        (split_section, "kinfer_split_s33.json",
+         "Stop 33: kernel INFER alone, bare (no BE tenant) against gated"),
+        (rep_now, "sched_gpu_79dd8da_half.json",
+         "Stop 33: attn and kinfer LC on stop 32's HEAD (79dd8da), another process"),
+        (rep_now, "sched_gpu_61685c3.json", "Stop 32's main table (61685c3): its lake rows"),
+        (rep_s32, "sched_gpu_f477b29.json",
          "Stop 32: the whole table again, 61685c3's scheduler (f477b29), other processes"),
-        (rep_now, "sched_gpu_ab90327.json",
+        (rep_s32, "sched_gpu_ab90327.json",
          "Stop 32: the whole table with the watchdog scanning every 50 ms (ab90327, "
          "not kept)"),
         (split_section, "kinfer_split_s32.json",
