@@ -80,7 +80,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("laked.sched")
 
 NOTHING = None      # before_launch's token when there is no gate to open
-BARE: list[int] = []    # an INFER batch's opens when no BE tenant was there at its start
 _retired_keys = itertools.count(-1, -1)     # stream_slots keys of destroyed streams
 
 
@@ -100,6 +99,7 @@ class GpuTenancy(Tenancy):
         # in an INFER batch: the gates it shut (opened as it ends), its start
         # and its leaves held back; None outside a batch
         self._opens: list[int] | None = None
+        self._bare = False              # the batch began with no BE tenant there
         self._t0 = 0.0
         self._leaves_due = 0
         # an ended batch's bookkeeping, for settle(): (its seconds, None if it
@@ -141,7 +141,7 @@ class GpuTenancy(Tenancy):
             if self.lc and not self.arb.be_tenants:     # nothing to hold back
                 self.arb._predict(t, time.perf_counter())  # noqa: SLF001
                 return NOTHING
-        elif opens is BARE:             # a batch keeps the mode it began in
+        elif self._bare:                # a batch keeps the mode it began in
             return NOTHING
         try:
             if not self.lc:
@@ -308,11 +308,9 @@ class _Batch:
             raise RuntimeError(f"{ten.gt.name}: an INFER batch began inside another")
         if ten._due is not None:
             ten.settle()            # the last batch's: no completion was posted since
-        ten._leaves_due = 0
-        if ten.lc and not ten.arb.be_tenants:
-            ten._opens = BARE           # nothing to hold back: no gate, no hold
-        else:
-            ten._opens = []
+        ten._opens, ten._leaves_due = [], 0
+        ten._bare = ten.lc and not ten.arb.be_tenants   # nothing to hold back
+        if not ten._bare:
             lead = ten.arb.knobs.host_first_us
             if lead and ten.lc:         # the whole batch is host path (module docstring)
                 self.key = threading.get_ident()
@@ -327,11 +325,11 @@ class _Batch:
             dt = None
             if issubclass(typ, Exception):
                 ten.gt.errors += 1
-        opens, ten._opens = ten._opens, None
-        if opens is BARE:
+        opens, ten._opens = ten._opens or [], None
+        if ten._bare:
             ten._due = (dt, self.items, -1, ten._t0)    # settle feeds the predictor
             return
-        for slot in opens or ():
+        for slot in opens:
             ten.gates.open_now(slot)
         if self.key:
             ten.arb.host_first.release(self.key)
