@@ -659,6 +659,8 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
+        (rep_now, "sched_gpu_d6cb55e_gemm_train.json",
+         "Stop 33: gemm LC beside training at HEAD's defaults (d6cb55e, `atom_us` 500)"),
         (variants_section, "atom500_ab.json",
          "Stop 33: a heavy issuer's atoms of 500 us (`atom_us` 500), interleaved A/B beside "
          "training and the GEMM loop (adopted)"),
