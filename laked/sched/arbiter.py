@@ -256,13 +256,12 @@ class GpuArbiter(Arbiter):
     def _tenants_changed(self) -> None:
         with self._tlock:
             self._lc = None
-            # BE jobs' threads, which pause for LC's host paths (none: no hold)
-            self.host_first.users = sum(isinstance(t, GpuTenant) and t.pacer is not None
-                                        for t in self.tenants.values())
+            be = [t for t in self.tenants.values() if isinstance(t, GpuTenant) and not t.is_lc]
             # BE tenants of any kind, whose work LC's gates hold back (none:
-            # raw LC work goes ungated, tenancy.py)
-            self.be_tenants = sum(isinstance(t, GpuTenant) and not t.is_lc
-                                  for t in self.tenants.values())
+            # raw LC work goes ungated, tenancy.py) ...
+            self.be_tenants = len(be)
+            # ... and BE jobs' threads, which pause for LC's host paths (none: no hold)
+            self.host_first.users = sum(t.pacer is not None for t in be)
 
     def lc_tenants(self) -> tuple[GpuTenant, ...]:
         """The LC tenants (every BE plan asks: kept until a tenant comes or goes)."""

@@ -103,8 +103,8 @@ class GpuTenancy(Tenancy):
         self._t0 = 0.0
         self._leaves_due = 0
         # an ended batch's bookkeeping, for settle(): (its seconds, None if it
-        # failed; its items; its leaves, -1 for a bare batch; its start),
-        # None when nothing is owed
+        # failed; its items; its leaves; the start of a bare batch, whose
+        # arrival the predictor has yet to see, else 0), None when nothing is owed
         self._due: tuple[float | None, int, int, float] | None = None
 
     @property
@@ -215,7 +215,7 @@ class GpuTenancy(Tenancy):
         due, self._due = self._due, None
         if due is None:
             return
-        dt, items, leaves, t0 = due
+        dt, items, leaves, unseen = due
         t = self.gt
         if dt is not None:
             t.record(dt, items)
@@ -224,8 +224,8 @@ class GpuTenancy(Tenancy):
             # watchdog's timeout, while the arbiter's check knew no usual time
             t.gpu_wait = next_wait(t.gpu_wait, dt)
         arb = self.arb
-        if leaves < 0:          # a bare batch: its arrival was not counted
-            arb._predict(t, t0)         # noqa: SLF001 - the arbiter's own tenant
+        if unseen:              # a bare batch: its arrival was not counted
+            arb._predict(t, unseen)     # noqa: SLF001 - the arbiter's own tenant
         for _ in range(leaves):
             arb._leave(t)       # noqa: SLF001 - the arbiter's own tenant
 
@@ -327,11 +327,11 @@ class _Batch:
                 ten.gt.errors += 1
         opens, ten._opens = ten._opens or [], None
         if ten._bare:
-            ten._due = (dt, self.items, -1, ten._t0)    # settle feeds the predictor
+            ten._due = (dt, self.items, 0, ten._t0)     # settle feeds the predictor
             return
         for slot in opens:
             ten.gates.open_now(slot)
         if self.key:
             ten.arb.host_first.release(self.key)
-        ten._due = (dt, self.items, ten._leaves_due, ten._t0)
+        ten._due = (dt, self.items, ten._leaves_due, 0.0)
         ten._leaves_due = 0
