@@ -652,6 +652,7 @@ def main() -> int:
     rep_s28 = against(load("sched_gpu_7d802b1.json"))
     rep_s30 = against(load("sched_gpu_b8fb4cf.json"))
     rep_s32 = against(load("sched_gpu_61685c3.json"))
+    rep_s33 = against(load("sched_gpu_f073392.json"))
     branch = against(load("sched_gpu_previous.json"))
 
     def untitled(section: Callable[[Any], list[str]]) -> Callable[[Any, str], list[str]]:
@@ -659,14 +660,16 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
-        (rep_now, "sched_gpu_d6cb55e_gemm_train.json",
+        (rep_now, "sched_gpu_f073392.json",
+         "Stop 33's main table (f073392, `atom_us` 400): its lake rows"),
+        (rep_s33, "sched_gpu_d6cb55e_gemm_train.json",
          "Stop 33: gemm LC beside training at HEAD's defaults (d6cb55e, `atom_us` 500)"),
         (variants_section, "atom500_ab.json",
          "Stop 33: a heavy issuer's atoms of 500 us (`atom_us` 500), interleaved A/B beside "
          "training and the GEMM loop (adopted)"),
         (split_section, "kinfer_split_s33.json",
          "Stop 33: kernel INFER alone, bare (no BE tenant) against gated"),
-        (rep_now, "sched_gpu_79dd8da_half.json",
+        (rep_s33, "sched_gpu_79dd8da_half.json",
          "Stop 33: attn and kinfer LC on stop 32's HEAD (79dd8da), another process"),
         (rep_now, "sched_gpu_61685c3.json", "Stop 32's main table (61685c3): its lake rows"),
         (rep_s32, "sched_gpu_f477b29.json",
