@@ -660,6 +660,10 @@ def main() -> int:
 
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
+        (rep_now, "sched_gpu_s34_rep.json",
+         "Stop 34: the whole table again, same code (4907adb), another machine"),
+        (split_section, "kinfer_split_s34.json",
+         "Stop 34: kernel INFER alone, bare (no BE tenant) against gated, same code"),
         (rep_now, "sched_gpu_f073392.json",
          "Stop 33's main table (f073392, `atom_us` 400): its lake rows"),
         (rep_s33, "sched_gpu_d6cb55e_gemm_train.json",
