@@ -662,6 +662,8 @@ def main() -> int:
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
         (rep_now, "sched_gpu_s34_rep.json",
          "Stop 34: the whole table again, same code (4907adb), another machine"),
+        (rep_now, "sched_gpu_s34_third.json",
+         "Stop 34: attn and gemm LC a third time, same code (4907adb)"),
         (split_section, "kinfer_split_s34.json",
          "Stop 34: kernel INFER alone, bare (no BE tenant) against gated, same code"),
         (rep_now, "sched_gpu_f073392.json",
