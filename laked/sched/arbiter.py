@@ -162,6 +162,8 @@ class GpuArbiter(Arbiter):
         # polling issuer would take the GIL from LC's threads every wake)
         self._lc_ended = Wakeable(self._lock)
         self._leaves = 0
+        # a held issuer and the watchdog's scan may find one stall together
+        self._unstick_lock = threading.Lock()
         self.gates.on_scan = self._unstick_scan
         self._energy_stop = threading.Event()
         self.idle_energy_j = 0.0
@@ -546,15 +548,18 @@ class GpuArbiter(Arbiter):
         """Open the gates of LC requests stuck behind a BE gate wait (plan.stuck).
         Such a request's work stays queued until its gate opens (gate.py); the
         watchdog would open it after gate_timeout_ms, while BE, which this
-        issuer is, waits for the request all that time."""
-        now = time.perf_counter()
-        for t in ts:
-            running = now - t.last_start
-            if t.active and stuck(running, t.gpu_wait, self.knobs):
-                for s in t.gate_slots():
-                    if self.gates.is_shut(s):
-                        t.opened_early += 1
-                        self.gates.open_stuck(s, t.name, running, t.opened_early, stacks)
+        issuer is, waits for the request all that time.  One caller at a
+        time, so a stall is opened, counted and logged once (the watchdog's
+        thread stacks take long enough for an issuer to find it too)."""
+        with self._unstick_lock:
+            now = time.perf_counter()
+            for t in ts:
+                running = now - t.last_start
+                if t.active and stuck(running, t.gpu_wait, self.knobs):
+                    for s in t.gate_slots():
+                        if self.gates.is_shut(s):
+                            t.opened_early += 1
+                            self.gates.open_stuck(s, t.name, running, t.opened_early, stacks)
 
     def _unstick_scan(self) -> None:
         """The gate watchdog's scan (gate.py): a stuck LC request no BE issuer

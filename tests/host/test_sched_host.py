@@ -883,3 +883,46 @@ def test_thread_stacks_name_each_other_thread_where_it_waits() -> None:
         th.join()
     assert "  lake-test-waiter:\n" in out and "in wait" in out
     assert "MainThread" not in out          # the caller's own stack is left out
+
+
+class _StallGates:
+    """A shut gate whose early open takes a while (the watchdog logs every
+    thread's stack first): what a second caller of _unstick meets."""
+
+    def __init__(self) -> None:
+        self.shut = {0: True}
+        self.opens: list[int] = []
+        self.inside = threading.Event()
+        self.go_on = threading.Event()
+
+    def is_shut(self, slot: int) -> bool:
+        return self.shut[slot]
+
+    def open_stuck(self, slot: int, who: str, running_s: float, nth: int,
+                   stacks: bool = False) -> None:
+        self.opens.append(nth)
+        self.inside.set()
+        self.go_on.wait(2)
+        self.shut[slot] = False
+
+
+def test_a_stall_found_twice_at_once_is_opened_and_counted_once() -> None:
+    """A held BE issuer and the watchdog's scan can find one stuck request
+    together: one opens its gate, the other finds it open."""
+    from laked.sched.arbiter import GpuArbiter
+    from laked.sched.knobs import Knobs
+    gates = _StallGates()
+    t = _tenant("LC", 0)
+    t.active, t.gpu_wait, t.last_start = 1, 0.0005, time.perf_counter() - 1.0
+    arb = types.SimpleNamespace(gates=gates, knobs=Knobs(), _unstick_lock=threading.Lock())
+    unstick = types.MethodType(GpuArbiter._unstick, arb)
+    first = threading.Thread(target=unstick, args=((t,), True))
+    first.start()
+    assert gates.inside.wait(2)
+    second = threading.Thread(target=unstick, args=((t,),))
+    second.start()
+    second.join(0.1)                 # unserialised, it would open the gate again now
+    gates.go_on.set()
+    first.join(2)
+    second.join(2)
+    assert gates.opens == [1] and t.opened_early == 1 and not gates.shut[0]
