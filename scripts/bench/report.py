@@ -661,7 +661,7 @@ def main() -> int:
     # (renderer, results file, title), in the page's order
     sections: list[tuple[Callable[[Any, str], list[str]], str, str]] = [
         (rep_now, "sched_gpu_s34_rep.json",
-         "Stop 34: the whole table again, same code (4907adb), another machine"),
+         "Stop 34: the whole table again, same code (4907adb), a fresh machine start"),
         (rep_now, "sched_gpu_s34_third.json",
          "Stop 34: attn and gemm LC a third time, same code (4907adb)"),
         (split_section, "kinfer_split_s34.json",
