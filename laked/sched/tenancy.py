@@ -326,12 +326,10 @@ class _Batch:
             if issubclass(typ, Exception):
                 ten.gt.errors += 1
         opens, ten._opens = ten._opens or [], None
-        if ten._bare:
-            ten._due = (dt, self.items, 0, ten._t0)     # settle feeds the predictor
-            return
-        for slot in opens:
+        for slot in opens:              # a bare batch shut none, held nothing
             ten.gates.open_now(slot)
         if self.key:
             ten.arb.host_first.release(self.key)
-        ten._due = (dt, self.items, ten._leaves_due, 0.0)
+        # a bare batch's arrival is owed to the predictor (settle)
+        ten._due = (dt, self.items, ten._leaves_due, ten._t0 if ten._bare else 0.0)
         ten._leaves_due = 0
